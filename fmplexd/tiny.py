@@ -1,0 +1,93 @@
+"""Write a tiny random-weight encoder checkpoint in Hugging Face format, for fast tests.
+
+    python -m fmplexd.tiny OUT_DIR [--family bert|roberta] [--hidden 32] [--layers 2] [--seed 0]
+
+Writes config.json, model.safetensors and, when the embedded backbone is installed, its
+tokenizer.json and vocab.txt (the vocabulary size then follows the tokenizer), so task processes can
+run on it. Weights are N(0, 0.02) like a fresh BERT; LayerNorm weights 1, biases 0.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+
+import torch
+from safetensors.torch import save_file
+
+MINILM_VOCAB = 30522
+
+
+def tiny_config(family: str, hidden: int, layers: int, heads: int, vocab: int) -> dict:
+    roberta = family == "roberta"
+    return {
+        "model_type": family, "architectures": ["RobertaModel" if roberta else "BertModel"],
+        "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "intermediate_size": 2 * hidden, "vocab_size": vocab, "hidden_act": "gelu",
+        "max_position_embeddings": 66 if roberta else 64, "type_vocab_size": 1 if roberta else 2,
+        "layer_norm_eps": 1e-12 if not roberta else 1e-5, "pad_token_id": 1 if roberta else 0,
+        "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+    }
+
+
+def tiny_weights(cfg: dict, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    h, i = cfg["hidden_size"], cfg["intermediate_size"]
+
+    def normal(*shape):
+        return torch.randn(*shape, generator=g) * 0.02
+
+    prefix = "roberta." if cfg["model_type"] == "roberta" else ""
+    w = {
+        "embeddings.word_embeddings.weight": normal(cfg["vocab_size"], h),
+        "embeddings.position_embeddings.weight": normal(cfg["max_position_embeddings"], h),
+        "embeddings.token_type_embeddings.weight": normal(cfg["type_vocab_size"], h),
+        "embeddings.LayerNorm.weight": torch.ones(h), "embeddings.LayerNorm.bias": torch.zeros(h),
+    }
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"encoder.layer.{layer}."
+        for name, (o, n) in {"attention.self.query": (h, h), "attention.self.key": (h, h),
+                             "attention.self.value": (h, h), "attention.output.dense": (h, h),
+                             "intermediate.dense": (i, h), "output.dense": (h, i)}.items():
+            w[p + name + ".weight"] = normal(o, n)
+            w[p + name + ".bias"] = normal(o)
+        for ln in ("attention.output.LayerNorm", "output.LayerNorm"):
+            w[p + ln + ".weight"] = torch.ones(h) + normal(h)
+            w[p + ln + ".bias"] = normal(h)
+    return {prefix + k: v.contiguous() for k, v in w.items()}
+
+
+def write_tiny(out: str, family: str = "bert", hidden: int = 32, layers: int = 2, heads: int = 4,
+               seed: int = 0) -> str:
+    os.makedirs(out, exist_ok=True)
+    vocab = MINILM_VOCAB
+    try:
+        from fmplexd.backbone import embedded_backbone_path
+        src = embedded_backbone_path()
+        for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+            if os.path.exists(os.path.join(src, f)):
+                shutil.copy(os.path.join(src, f), os.path.join(out, f))
+    except RuntimeError:
+        pass                     # no embedded backbone: a checkpoint without a tokenizer
+    cfg = tiny_config(family, hidden, layers, heads, vocab)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    save_file(tiny_weights(cfg, seed), os.path.join(out, "model.safetensors"))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out")
+    ap.add_argument("--family", choices=("bert", "roberta"), default="bert")
+    ap.add_argument("--hidden", type=int, default=32)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    print(write_tiny(a.out, a.family, a.hidden, a.layers, a.heads, a.seed))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,535 @@
+"""Every message of the fmplex protocol, as small frozen schemas. The one place the wire is defined.
+
+A message travels as frame 0 = a MessagePack map {"type": TYPE, <field>: <value>, ...} followed by
+one frame per Tensor field (see ipc.fields for wire forms and ipc.codec for framing). docs/protocol.md
+describes the sockets and the order in which these messages are exchanged.
+
+Conventions: `ref` correlates a request with its reply (chosen by the requester, echoed back);
+`epoch` on task-plane messages is the session epoch granted by `Registered` (the epoch rule).
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Annotated, ClassVar
+
+import numpy as np
+
+from ipc.errors import ErrorCode
+from ipc.fields import (Bool, Bytes, Enum, Float, Int, ListOf, MapOf, Optional, Str, Struct,
+                        Tensor)
+
+PROTOCOL_VERSION = 1
+
+U64 = Int(0, (1 << 64) - 1)
+REF = U64
+EPOCH = Int(1, (1 << 63) - 1)
+NAME = Str(64, 1, r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+TASK_REF = Str(80, 1, r"[A-Za-z0-9][A-Za-z0-9_.\-]*(@[A-Za-z0-9_\-]+)?")   # name or name@variant
+TEXT = Str(100_000)
+MAX_SEQUENCES = 1024          # sequences per request
+MAX_SEQ_TOKENS = 8192         # tokens per sequence (the backbone's own limit is usually lower)
+MAX_LABELS = 4096
+
+
+class Role(str, enum.Enum):
+    TASK = "task"
+    OPERATOR = "operator"
+    CLIENT = "client"
+
+
+class Output(str, enum.Enum):
+    """What a Submit asks the executor to return for each sequence."""
+    POOLED = "pooled"              # (n, hidden) pooled embedding
+    LOGITS = "logits"              # (n, labels) head on the pooled embedding
+    TOKENS = "tokens"              # (sum len, hidden) per-token hidden states
+    TOKEN_LOGITS = "token_logits"  # (sum len, labels) per-token head
+
+
+class Pooling(str, enum.Enum):
+    CLS = "cls"
+    MEAN = "mean"
+
+
+class Module(str, enum.Enum):
+    """Linear layers of an encoder layer that an extension may target."""
+    QUERY = "query"
+    KEY = "key"
+    VALUE = "value"
+    ATTN_OUT = "attn_out"
+    FFN_IN = "ffn_in"
+    FFN_OUT = "ffn_out"
+
+
+class HeadKind(str, enum.Enum):
+    LINEAR = "linear"
+    MLP = "mlp"
+
+
+class HeadInput(str, enum.Enum):
+    POOLED = "pooled"
+    TOKENS = "tokens"
+
+
+class Activation(str, enum.Enum):
+    RELU = "relu"
+    GELU = "gelu"
+    TANH = "tanh"
+
+
+class TaskState(str, enum.Enum):
+    WAITING = "waiting"      # registered, no process attached (or not yet committed)
+    READY = "ready"          # attached and committed: serving
+    DEAD = "dead"            # its process died; being restarted by the supervisor
+    STOPPED = "stopped"      # removed or gave up restarting
+
+
+class Op(str, enum.Enum):
+    """Operator commands the daemon relays to a task process."""
+    UPDATE = "update"        # load a new extension, hot-swap (or stage a canary)
+    PROMOTE = "promote"      # make the canary the only version
+    ROLLBACK = "rollback"    # drop the canary
+    STOP = "stop"            # unregister and exit
+
+
+class Message:
+    """Base of all top-level messages. TYPE is the wire "type" string."""
+    __slots__ = ()
+    TYPE: ClassVar[str] = ""
+
+
+# ---------------------------------------------------------------- nested structs
+
+@dataclass(frozen=True, slots=True)
+class LoraEntry:
+    layer: Annotated[int, Int(0, 255)]
+    module: Annotated[Module, Enum(Module)]
+    rank: Annotated[int, Int(1, 1024)]
+    scale: Annotated[float, Float(-1e6, 1e6)]     # alpha / rank (or alpha / sqrt(rank) for rsLoRA)
+
+
+@dataclass(frozen=True, slots=True)
+class Ia3Entry:
+    layer: Annotated[int, Int(0, 255)]
+    module: Annotated[Module, Enum(Module)]
+    feedforward: Annotated[bool, Bool()]          # scale the input (True) or the output (False)
+
+
+@dataclass(frozen=True, slots=True)
+class HeadSpec:
+    kind: Annotated[HeadKind, Enum(HeadKind)]
+    input: Annotated[HeadInput, Enum(HeadInput)]
+    num_labels: Annotated[int, Int(1, MAX_LABELS)]
+    hidden: Annotated[int, Int(0, 65536)] = 0     # MLP hidden width (0 for linear)
+    activation: Annotated[Activation, Enum(Activation)] = Activation.RELU
+
+
+@dataclass(frozen=True, slots=True)
+class ExtensionSpec:
+    """What a task adds to the backbone. Tensor shapes follow from this and the backbone."""
+    pooling: Annotated[Pooling, Enum(Pooling)] = Pooling.CLS
+    lora: Annotated[list[LoraEntry], ListOf(Struct(LoraEntry), 6 * 256)] = field(default_factory=list)
+    ia3: Annotated[list[Ia3Entry], ListOf(Struct(Ia3Entry), 6 * 256)] = field(default_factory=list)
+    prompt_tokens: Annotated[int, Int(0, 512)] = 0
+    head: Annotated[HeadSpec | None, Optional(Struct(HeadSpec))] = None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskConfig:
+    name: Annotated[str, TASK_REF]
+    owner_uid: Annotated[int, Int(0, (1 << 32) - 1)]
+    weight: Annotated[float, Float(1e-3, 1e6)] = 1.0
+    queue_limit: Annotated[int, Int(1, 1_000_000)] = 256
+    deadline_ms: Annotated[int, Int(1, 3_600_000)] = 10_000
+    backbone: Annotated[str, NAME] = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class SlotEntry:
+    name: Annotated[str, Str(128, 1)]
+    dtype: Annotated[str, Str(16, 1)]
+    shape: Annotated[list[int], ListOf(Int(0, 1 << 31), 4)]
+    offset: Annotated[int, U64]                   # byte offset inside one half
+
+
+@dataclass(frozen=True, slots=True)
+class SlotGrant:
+    """A task's extension region: two halves of half_bytes; the task writes `half`, then commits."""
+    generation: Annotated[int, Int(1)]
+    size: Annotated[int, U64]
+    half_bytes: Annotated[int, U64]
+    half: Annotated[int, Int(0, 1)]
+    entries: Annotated[list[SlotEntry], ListOf(Struct(SlotEntry), 8192)]
+    token: Annotated[bytes, Bytes(64)]            # presented on the handle plane to get the fd
+
+
+@dataclass(frozen=True, slots=True)
+class BackboneInfo:
+    name: Annotated[str, NAME]
+    model_type: Annotated[str, Str(32, 1)]
+    hidden: Annotated[int, Int(1)]
+    layers: Annotated[int, Int(1)]
+    heads: Annotated[int, Int(1)]
+    intermediate: Annotated[int, Int(1)]
+    vocab: Annotated[int, Int(1)]
+    max_positions: Annotated[int, Int(1)]         # usable positions (sequence length limit)
+    dtype: Annotated[str, Str(16, 1)]
+    tokenizer: Annotated[str, Str(4096)]          # path of tokenizer.json ("" if none)
+    region_bytes: Annotated[int, U64]
+    checksum: Annotated[str, Str(128)]
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestEntry:
+    name: Annotated[str, Str(256, 1)]
+    dtype: Annotated[str, Str(16, 1)]
+    shape: Annotated[list[int], ListOf(Int(0, 1 << 31), 8)]
+    offset: Annotated[int, U64]
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """Layout of a shared region: where each named tensor lies. checksum = blake2b of the bytes."""
+    size: Annotated[int, U64]
+    alignment: Annotated[int, Int(1, 1 << 21)]
+    checksum: Annotated[str, Str(128)]
+    entries: Annotated[list[ManifestEntry], ListOf(Struct(ManifestEntry), 100_000)]
+
+
+@dataclass(frozen=True, slots=True)
+class RegionInfo:
+    name: Annotated[str, Str(128, 1)]
+    kind: Annotated[str, Str(32, 1)]              # "backbone" or "slot"
+    bytes: Annotated[int, U64]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskStats:
+    name: Annotated[str, TASK_REF]
+    state: Annotated[TaskState, Enum(TaskState)]
+    owner_uid: Annotated[int, Int(0, (1 << 32) - 1)]
+    weight: Annotated[float, Float(0)]
+    pid: Annotated[int, Int(0)]
+    version: Annotated[int, Int(0)]
+    queued: Annotated[int, Int(0)]
+    requests: Annotated[int, Int(0)]
+    served_tokens: Annotated[int, Int(0)]
+    errors: Annotated[int, Int(0)]
+    timeouts: Annotated[int, Int(0)]
+    overloaded: Annotated[int, Int(0)]
+    p50_ms: Annotated[float, Float(0)]
+    p99_ms: Annotated[float, Float(0)]
+    rate: Annotated[float, Float(0)]              # completed requests per second, recent window
+    restarts: Annotated[int, Int(0)] = 0
+    endpoint: Annotated[str, Str(512)] = ""
+
+
+@dataclass(frozen=True, slots=True)
+class LabelScore:
+    label: Annotated[str, Str(256)]
+    score: Annotated[float, Float()]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLabel:
+    start: Annotated[int, Int(0)]                 # character offsets into the input text
+    end: Annotated[int, Int(0)]
+    label: Annotated[str, Str(256)]
+    score: Annotated[float, Float()]
+
+
+# ---------------------------------------------------------------- shared by all sockets
+
+@dataclass(frozen=True, slots=True)
+class Error(Message):
+    TYPE: ClassVar[str] = "error"
+    ref: Annotated[int, REF]
+    code: Annotated[ErrorCode, Enum(ErrorCode)]
+    message: Annotated[str, Str(4096)]
+    epoch: Annotated[int, Int(0, (1 << 63) - 1)] = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Ok(Message):
+    TYPE: ClassVar[str] = "ok"
+    ref: Annotated[int, REF]
+    message: Annotated[str, Str(4096)] = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    TYPE: ClassVar[str] = "hello"
+    ref: Annotated[int, REF]
+    proto: Annotated[int, Int(0, 1 << 16)]
+    role: Annotated[Role, Enum(Role)]
+    pid: Annotated[int, Int(0, 1 << 31)] = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome(Message):
+    TYPE: ClassVar[str] = "welcome"
+    ref: Annotated[int, REF]
+    proto: Annotated[int, Int(0, 1 << 16)]
+    epoch: Annotated[int, EPOCH]                  # the daemon's incarnation
+    heartbeat_ms: Annotated[int, Int(1, 60_000)]
+    backbones: Annotated[list[BackboneInfo], ListOf(Struct(BackboneInfo), 64)]
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat(Message):
+    TYPE: ClassVar[str] = "heartbeat"
+    epoch: Annotated[int, EPOCH]
+    seq: Annotated[int, U64]
+
+
+# ---------------------------------------------------------------- task plane
+
+@dataclass(frozen=True, slots=True)
+class Register(Message):
+    TYPE: ClassVar[str] = "register"
+    ref: Annotated[int, REF]
+    task: Annotated[TaskConfig, Struct(TaskConfig)]
+    extension: Annotated[ExtensionSpec, Struct(ExtensionSpec)]
+    pid: Annotated[int, Int(0, 1 << 31)] = 0
+    endpoint: Annotated[str, Str(512)] = ""       # where the task's clients connect (ipc://)
+    tcp_endpoint: Annotated[str, Str(512)] = ""   # optional tcp:// endpoint (CURVE)
+    server_key: Annotated[str, Str(64)] = ""      # its CURVE public key (Z85)
+
+
+@dataclass(frozen=True, slots=True)
+class Registered(Message):
+    TYPE: ClassVar[str] = "registered"
+    ref: Annotated[int, REF]
+    epoch: Annotated[int, EPOCH]                  # the session epoch: carried by all later messages
+    slot: Annotated[SlotGrant, Struct(SlotGrant)]
+    backbone: Annotated[BackboneInfo, Struct(BackboneInfo)]
+    heartbeat_ms: Annotated[int, Int(1, 60_000)]
+
+
+@dataclass(frozen=True, slots=True)
+class Submit(Message):
+    TYPE: ClassVar[str] = "submit"
+    epoch: Annotated[int, EPOCH]
+    ref: Annotated[int, REF]
+    output: Annotated[Output, Enum(Output)]
+    lengths: Annotated[list[int], ListOf(Int(1, MAX_SEQ_TOKENS), MAX_SEQUENCES, 1)]
+    ids: Annotated[np.ndarray, Tensor(("int32",), 1)]
+    type_ids: Annotated[np.ndarray | None, Optional(Tensor(("int8",), 1))] = None
+    deadline_ms: Annotated[int, Int(0, 3_600_000)] = 0   # relative; 0 = the task's default
+
+
+@dataclass(frozen=True, slots=True)
+class Result(Message):
+    TYPE: ClassVar[str] = "result"
+    epoch: Annotated[int, EPOCH]
+    ref: Annotated[int, REF]
+    version: Annotated[int, Int(0)]               # extension version the batch used
+    output: Annotated[Output, Enum(Output)]
+    data: Annotated[np.ndarray, Tensor(("float32", "float16"), 2)]
+    queue_ms: Annotated[float, Float(0)] = 0.0
+    run_ms: Annotated[float, Float(0)] = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class PrepareUpdate(Message):
+    TYPE: ClassVar[str] = "prepare_update"
+    epoch: Annotated[int, EPOCH]
+    ref: Annotated[int, REF]
+    extension: Annotated[ExtensionSpec, Struct(ExtensionSpec)]
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateReady(Message):
+    TYPE: ClassVar[str] = "update_ready"
+    epoch: Annotated[int, EPOCH]
+    ref: Annotated[int, REF]
+    slot: Annotated[SlotGrant, Struct(SlotGrant)]
+
+
+@dataclass(frozen=True, slots=True)
+class Commit(Message):
+    TYPE: ClassVar[str] = "commit"
+    epoch: Annotated[int, EPOCH]
+    ref: Annotated[int, REF]
+    generation: Annotated[int, Int(1)]
+    half: Annotated[int, Int(0, 1)]
+
+
+@dataclass(frozen=True, slots=True)
+class Committed(Message):
+    TYPE: ClassVar[str] = "committed"
+    epoch: Annotated[int, EPOCH]
+    ref: Annotated[int, REF]
+    version: Annotated[int, Int(1)]
+
+
+@dataclass(frozen=True, slots=True)
+class Unregister(Message):
+    TYPE: ClassVar[str] = "unregister"
+    epoch: Annotated[int, EPOCH]
+    ref: Annotated[int, REF]
+
+
+@dataclass(frozen=True, slots=True)
+class Command(Message):
+    """Daemon -> task: an operator's lifecycle command for this task (relayed from the control API)."""
+    TYPE: ClassVar[str] = "command"
+    epoch: Annotated[int, EPOCH]
+    ref: Annotated[int, REF]
+    op: Annotated[Op, Enum(Op)]
+    spec: Annotated[str, Str(1 << 20)] = ""       # UPDATE: TOML text of the new spec
+    spec_dir: Annotated[str, Str(4096)] = ""      # where relative paths in `spec` start
+    canary_percent: Annotated[int, Int(0, 100)] = 0
+
+
+# ---------------------------------------------------------------- control socket
+
+@dataclass(frozen=True, slots=True)
+class Info(Message):
+    TYPE: ClassVar[str] = "info"
+    ref: Annotated[int, REF]
+
+
+@dataclass(frozen=True, slots=True)
+class InfoReply(Message):
+    TYPE: ClassVar[str] = "info_reply"
+    ref: Annotated[int, REF]
+    epoch: Annotated[int, EPOCH]
+    version: Annotated[str, Str(64)]
+    uptime_s: Annotated[float, Float(0)]
+    run_dir: Annotated[str, Str(4096)]
+    backbones: Annotated[list[BackboneInfo], ListOf(Struct(BackboneInfo), 64)]
+    regions: Annotated[list[RegionInfo], ListOf(Struct(RegionInfo), 100_000)]
+
+
+@dataclass(frozen=True, slots=True)
+class ListTasks(Message):
+    TYPE: ClassVar[str] = "list_tasks"
+    ref: Annotated[int, REF]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskList(Message):
+    TYPE: ClassVar[str] = "task_list"
+    ref: Annotated[int, REF]
+    tasks: Annotated[list[TaskStats], ListOf(Struct(TaskStats), 100_000)]
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveTask(Message):
+    TYPE: ClassVar[str] = "remove_task"
+    ref: Annotated[int, REF]
+    name: Annotated[str, TASK_REF]
+
+
+@dataclass(frozen=True, slots=True)
+class Deploy(Message):
+    """Start (and supervise) a task process for the spec; spec_path is where it was read from."""
+    TYPE: ClassVar[str] = "deploy"
+    ref: Annotated[int, REF]
+    spec: Annotated[str, Str(1 << 20, 1)]
+    spec_path: Annotated[str, Str(4096)] = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskCommand(Message):
+    """Operator -> daemon: relay a lifecycle command to the named task's process."""
+    TYPE: ClassVar[str] = "task_command"
+    ref: Annotated[int, REF]
+    name: Annotated[str, NAME]
+    op: Annotated[Op, Enum(Op)]
+    spec: Annotated[str, Str(1 << 20)] = ""
+    spec_dir: Annotated[str, Str(4096)] = ""
+    canary_percent: Annotated[int, Int(0, 100)] = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Resolve(Message):
+    TYPE: ClassVar[str] = "resolve"
+    ref: Annotated[int, REF]
+    name: Annotated[str, NAME]
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint(Message):
+    TYPE: ClassVar[str] = "endpoint"
+    ref: Annotated[int, REF]
+    name: Annotated[str, NAME]
+    address: Annotated[str, Str(512)]             # ipc:// endpoint
+    tcp_endpoint: Annotated[str, Str(512)] = ""
+    server_key: Annotated[str, Str(64)] = ""      # CURVE public key (Z85) of the tcp endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class Health(Message):
+    TYPE: ClassVar[str] = "health"
+    ref: Annotated[int, REF]
+    name: Annotated[str, Str(80)] = ""            # "" = the daemon itself
+
+
+@dataclass(frozen=True, slots=True)
+class HealthReply(Message):
+    TYPE: ClassVar[str] = "health_reply"
+    ref: Annotated[int, REF]
+    live: Annotated[bool, Bool()]
+    ready: Annotated[bool, Bool()]
+    detail: Annotated[str, Str(1024)] = ""
+
+
+# ---------------------------------------------------------------- client endpoint (a task's socket)
+
+@dataclass(frozen=True, slots=True)
+class Infer(Message):
+    TYPE: ClassVar[str] = "infer"
+    ref: Annotated[int, REF]
+    texts: Annotated[list[str], ListOf(TEXT, MAX_SEQUENCES, 1)]
+    pairs: Annotated[list[str] | None, Optional(ListOf(TEXT, MAX_SEQUENCES, 1))] = None
+    top_k: Annotated[int, Int(0, MAX_LABELS)] = 0        # 0 = the task's default
+    timeout_ms: Annotated[int, Int(0, 3_600_000)] = 0    # 0 = the task's default deadline
+
+
+@dataclass(frozen=True, slots=True)
+class InferReply(Message):
+    """One entry per input in whichever fields the task's pipeline fills (the others stay None)."""
+    TYPE: ClassVar[str] = "infer_reply"
+    ref: Annotated[int, REF]
+    task: Annotated[str, TASK_REF]                # the variant that answered (name or name@canary)
+    version: Annotated[int, Int(0)]
+    truncated: Annotated[list[bool], ListOf(Bool(), MAX_SEQUENCES)]
+    labels: Annotated[list[list[LabelScore]] | None,
+                      Optional(ListOf(ListOf(Struct(LabelScore), MAX_LABELS), MAX_SEQUENCES))] = None
+    embeddings: Annotated[np.ndarray | None, Optional(Tensor(("float32",), 2))] = None
+    similarity: Annotated[list[float] | None, Optional(ListOf(Float(), MAX_SEQUENCES))] = None
+    tokens: Annotated[list[list[TokenLabel]] | None,
+                      Optional(ListOf(ListOf(Struct(TokenLabel), MAX_SEQ_TOKENS), MAX_SEQUENCES))] = None
+
+
+# ---------------------------------------------------------------- handle plane (AF_UNIX)
+
+@dataclass(frozen=True, slots=True)
+class OpenRegions(Message):
+    """Ask for the fds of a session's regions: the backbone (read-only) and the task's slot."""
+    TYPE: ClassVar[str] = "open_regions"
+    ref: Annotated[int, REF]
+    token: Annotated[bytes, Bytes(64)]
+
+
+@dataclass(frozen=True, slots=True)
+class RegionsGranted(Message):
+    """Reply carrying fds by SCM_RIGHTS, in order: backbone region, then slot region."""
+    TYPE: ClassVar[str] = "regions_granted"
+    ref: Annotated[int, REF]
+    backbone: Annotated[Manifest, Struct(Manifest)]
+    slot_size: Annotated[int, U64]
+    slot_generation: Annotated[int, Int(1)]
+
+
+ALL_MESSAGES: tuple[type[Message], ...] = (
+    Error, Ok, Hello, Welcome, Heartbeat,
+    Register, Registered, Submit, Result, PrepareUpdate, UpdateReady, Commit, Committed,
+    Unregister, Command,
+    Info, InfoReply, ListTasks, TaskList, RemoveTask, Deploy, TaskCommand, Resolve, Endpoint,
+    Health, HealthReply,
+    Infer, InferReply,
+    OpenRegions, RegionsGranted,
+)

@@ -1,0 +1,196 @@
+"""ZeroMQ transport helpers: socket factories with the project's options, send/receive of Messages,
+liveness tracking and epochs.
+
+Rules kept here (docs/protocol.md states them for other languages):
+- ROUTER sockets set ROUTER_MANDATORY, so a send to a peer that is gone raises `PeerGone` instead
+  of being dropped silently; a full peer pipe raises `PeerBusy`. Sends never block the loop.
+- Every socket has bounded high-water marks, LINGER 0 and a MAXMSGSIZE (oversized messages are
+  dropped by libzmq before any Python code sees them).
+- Liveness is an application heartbeat (`Liveness` tracks last-seen times); ZeroMQ's own heartbeat
+  is answered by its I/O thread even when the application hangs, so it proves nothing.
+- An epoch identifies a peer incarnation or session; a message with another epoch is refused.
+"""
+from __future__ import annotations
+
+import secrets
+import time
+import weakref
+from dataclasses import dataclass
+
+import zmq
+import zmq.asyncio
+
+from ipc import codec
+from ipc.errors import ErrorCode, FmplexError, ProtocolError
+from ipc.messages import Message
+
+DEFAULT_HWM = 10_000
+DEFAULT_MAX_MSG_BYTES = 256 << 20
+
+
+class PeerGone(FmplexError):
+    """The ROUTER peer is not connected (ROUTER_MANDATORY said EHOSTUNREACH)."""
+
+    def __init__(self, message: str = "peer is not connected"):
+        super().__init__(ErrorCode.TASK_UNAVAILABLE, message)
+
+
+class PeerBusy(FmplexError):
+    """The peer's pipe is at its high-water mark; it is not reading."""
+
+    def __init__(self, message: str = "peer pipe is full"):
+        super().__init__(ErrorCode.OVERLOADED, message)
+
+
+def _common(sock: zmq.Socket, hwm: int, max_msg_bytes: int) -> zmq.Socket:
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_msg_bytes)
+    return sock
+
+
+def router(ctx: zmq.Context, address: str, *, hwm: int = DEFAULT_HWM,
+           max_msg_bytes: int = DEFAULT_MAX_MSG_BYTES, zap_domain: bytes | None = None,
+           curve_secret_key: bytes | None = None) -> zmq.Socket:
+    """A bound ROUTER with ROUTER_MANDATORY. zap_domain turns on ZAP authentication (see ipc.zap);
+    curve_secret_key makes it a CURVE server (tcp:// endpoints)."""
+    sock = _common(ctx.socket(zmq.ROUTER), hwm, max_msg_bytes)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    if curve_secret_key is not None:
+        sock.curve_server = True
+        sock.curve_secretkey = curve_secret_key
+    if zap_domain is not None:
+        sock.zap_domain = zap_domain
+    sock.bind(address)
+    return sock
+
+
+def dealer(ctx: zmq.Context, address: str, *, hwm: int = DEFAULT_HWM,
+           max_msg_bytes: int = DEFAULT_MAX_MSG_BYTES, curve: tuple[bytes, bytes, bytes] | None = None
+           ) -> zmq.Socket:
+    """A connected DEALER. curve = (server public, own public, own secret) for CURVE (tcp://)."""
+    sock = _common(ctx.socket(zmq.DEALER), hwm, max_msg_bytes)
+    if curve is not None:
+        sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = curve
+    sock.connect(address)
+    return sock
+
+
+def _send_error(e: zmq.ZMQError, identity) -> FmplexError:
+    if e.errno == zmq.EHOSTUNREACH:
+        return PeerGone(f"peer {bytes(identity or b'').hex()} is not connected")
+    if e.errno == zmq.EAGAIN:
+        return PeerBusy()
+    return FmplexError(ErrorCode.INTERNAL, f"send failed: {e}")
+
+
+_SYNC_VIEWS: "weakref.WeakKeyDictionary[zmq.asyncio.Socket, zmq.Socket]" = weakref.WeakKeyDictionary()
+
+
+def _sync_view(sock: zmq.Socket) -> zmq.Socket:
+    """A plain (sync) socket object on the same libzmq socket, cached on the asyncio socket, so a
+    non-blocking send is a direct call rather than a future."""
+    if not isinstance(sock, zmq.asyncio.Socket):
+        return sock
+    view = _SYNC_VIEWS.get(sock)
+    if view is None:
+        view = _SYNC_VIEWS[sock] = zmq.Socket.shadow(sock.underlying)
+    return view
+
+
+def send(sock: zmq.Socket, msg: Message, identity: bytes | None = None) -> None:
+    """Send without blocking. Raises PeerGone / PeerBusy (ROUTER) instead of dropping silently.
+    Works for sync and asyncio sockets."""
+    frames = codec.encode(msg)
+    if identity is not None:
+        frames.insert(0, identity)
+    try:
+        _sync_view(sock).send_multipart(frames, flags=zmq.NOBLOCK, copy=len(frames) < 3)
+    except zmq.ZMQError as e:
+        raise _send_error(e, identity) from None
+
+
+@dataclass(slots=True)
+class Envelope:
+    """A received multipart message before decoding: the sender's identity (ROUTER) and frames."""
+    identity: bytes | None
+    frames: list
+
+    def decode(self, allowed: frozenset[type] | None = None) -> Message:
+        return codec.decode(self.frames, allowed)
+
+    def user_id(self) -> str | None:
+        """The User-Id that ZAP attached to the sender's connection (see ipc.zap), if any."""
+        try:
+            return self.frames[0].get("User-Id") or None
+        except (zmq.ZMQError, AttributeError, IndexError):
+            return None
+
+    def peer_uid(self) -> int | None:
+        """The sender's uid, where the socket's ZAP policy records uids as User-Id."""
+        uid = self.user_id()
+        return int(uid) if uid is not None and uid.isdigit() else None
+
+
+def _envelope(frames: list, router_side: bool) -> Envelope:
+    if router_side:
+        return Envelope(frames[0].bytes, frames[1:])
+    return Envelope(None, frames)
+
+
+async def recv(sock: zmq.asyncio.Socket, router_side: bool) -> Envelope:
+    """Receive one multipart message (zero-copy frames). Decoding is the caller's next step, so a
+    malformed message can still be answered to its sender."""
+    return _envelope(await sock.recv_multipart(copy=False), router_side)
+
+
+def recv_sync(sock: zmq.Socket, router_side: bool) -> Envelope:
+    return _envelope(sock.recv_multipart(copy=False), router_side)
+
+
+def new_epoch() -> int:
+    """A fresh random epoch in [1, 2**63): one per daemon incarnation and per task session."""
+    return secrets.randbits(63) or 1
+
+
+def check_epoch(got: int, expected: int) -> None:
+    if got != expected:
+        raise ProtocolError(ErrorCode.STALE_EPOCH, f"epoch {got} is not the current {expected}")
+
+
+class Liveness:
+    """Last-seen times of peers; a peer unseen for `timeout_s` is expired. Pure: the caller passes
+    the clock, so it is tested without sleeping."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self._seen: dict[object, float] = {}
+
+    def seen(self, peer, now: float | None = None) -> None:
+        self._seen[peer] = time.monotonic() if now is None else now
+
+    def forget(self, peer) -> None:
+        self._seen.pop(peer, None)
+
+    def expired(self, now: float | None = None) -> list:
+        """Peers past the timeout; they are forgotten (each is reported once)."""
+        now = time.monotonic() if now is None else now
+        dead = [p for p, t in self._seen.items() if now - t > self.timeout_s]
+        for p in dead:
+            del self._seen[p]
+        return dead
+
+
+def request(sock: zmq.Socket, msg: Message, timeout_s: float, allowed=None) -> Message:
+    """Blocking request/reply on a sync DEALER: send, wait for the reply with the same ref.
+    Raises TimeoutError when none comes; an `Error` reply is returned as a message."""
+    send(sock, msg)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not sock.poll(int(left * 1000) + 1):
+            raise TimeoutError(f"no reply to {msg.TYPE} within {timeout_s}s")
+        reply = recv_sync(sock, False).decode(allowed)
+        if getattr(reply, "ref", None) == getattr(msg, "ref", None):
+            return reply

@@ -1,0 +1,165 @@
+"""`fmplex`: the operator and client command line.
+
+    fmplex demo                          the main job: daemon + tasks + load on the real backbone
+    fmplex infer TASK TEXT... [--pair TEXT...] [--top-k K] [--json]
+    fmplex task run SPEC                 run a task process (what the daemon's supervisor starts)
+    fmplex task deploy SPEC              have the daemon start and supervise a task
+    fmplex task list | update NAME SPEC [--canary PCT] | promote NAME | rollback NAME | remove NAME
+    fmplex top [--interval S] [--once]   live per-task table
+    fmplex info | health [TASK]
+    fmplex bench serve ...               the serving benchmark (bench/serve.py)
+Every command takes --run-dir (default: FMPLEX_RUN_DIR or the daemon's default).
+Exit status: 0 ok, 1 request failed (typed error printed), 2 usage or set-up error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from ipc.errors import FmplexError
+
+
+def _client(args):
+    from tasklets.client import Client
+    return Client(args.run_dir, timeout_s=args.timeout)
+
+
+def cmd_infer(args) -> int:
+    with _client(args) as c:
+        reply = c.infer(args.task, args.texts, args.pair or None, top_k=args.top_k)
+    from tasklets.render import reply_as_dict, reply_lines
+    if args.json:
+        print(json.dumps(reply_as_dict(reply), indent=2))
+    else:
+        print("\n".join(reply_lines(reply, args.texts)))
+    return 0
+
+
+def cmd_task(args) -> int:
+    from ipc.messages import Deploy, ListTasks, Op, RemoveTask, TaskCommand
+    if args.action == "run":
+        from tasklets.process import main as run_task
+        return run_task(args.spec, args.run_dir)
+    with _client(args) as c:
+        if args.action == "deploy":
+            path = os.path.abspath(args.spec)
+            with open(path) as f:
+                reply = c.control(Deploy(ref=c.ref(), spec=f.read(), spec_path=path),
+                                  timeout_s=max(args.timeout, 180))
+        elif args.action == "list":
+            from tasklets.render import task_table
+            print(task_table(c.control(ListTasks(ref=c.ref())).tasks))
+            return 0
+        elif args.action == "remove":
+            reply = c.control(RemoveTask(ref=c.ref(), name=args.name))
+        else:
+            spec, spec_dir = "", ""
+            if args.action == "update":
+                path = os.path.abspath(args.spec)
+                with open(path) as f:
+                    spec, spec_dir = f.read(), os.path.dirname(path)
+            op = {"update": Op.UPDATE, "promote": Op.PROMOTE, "rollback": Op.ROLLBACK}[args.action]
+            reply = c.control(TaskCommand(ref=c.ref(), name=args.name, op=op, spec=spec,
+                                          spec_dir=spec_dir, canary_percent=args.canary or 0))
+    print(reply.message)
+    return 0
+
+
+def cmd_top(args) -> int:
+    from tasklets.render import top_loop
+    with _client(args) as c:
+        return top_loop(c, args.interval, args.once)
+
+
+def cmd_info(args) -> int:
+    from ipc.messages import Health, Info
+    with _client(args) as c:
+        if args.command == "health":
+            h = c.control(Health(ref=c.ref(), name=args.task or ""))
+            print(f"live={h.live} ready={h.ready} {h.detail}")
+            return 0 if h.ready else 1
+        info = c.control(Info(ref=c.ref()))
+    print(f"fmplexd {info.version}  epoch {info.epoch:x}  up {info.uptime_s:.0f}s  run dir {info.run_dir}")
+    for b in info.backbones:
+        print(f"backbone {b.name}: {b.model_type} {b.layers}x{b.hidden} {b.dtype}, "
+              f"{b.region_bytes / 2**20:.1f} MiB, checksum {b.checksum}")
+    for r in info.regions:
+        print(f"  region {r.name:32s} {r.kind:9s} {r.bytes / 2**20:9.2f} MiB")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from tasklets.demo import run_demo
+    return run_demo(requests=args.requests, clients=args.clients, quick=args.quick)
+
+
+def cmd_bench(args) -> int:
+    import runpy
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
+                          f"{args.name}.py")
+    if not os.path.exists(script):
+        print(f"fmplex: no benchmark {script}", file=sys.stderr)
+        return 2
+    sys.argv = [script, *args.rest]
+    runpy.run_path(script, run_name="__main__")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fmplex", description="fmplex operator and client CLI")
+    ap.add_argument("--run-dir", default=None, help="the daemon's run directory")
+    ap.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a reply")
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("infer", help="run inputs through a task")
+    p.add_argument("task")
+    p.add_argument("texts", nargs="+")
+    p.add_argument("--pair", action="append", help="second text (sentence-similarity), repeatable")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_infer)
+    t = sub.add_parser("task", help="task lifecycle").add_subparsers(dest="action", required=True)
+    for name in ("run", "deploy"):
+        q = t.add_parser(name)
+        q.add_argument("spec")
+        q.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
+    t.add_parser("list")
+    q = t.add_parser("update")
+    q.add_argument("name")
+    q.add_argument("spec")
+    q.add_argument("--canary", type=int, help="percent of requests for the new version")
+    for name in ("promote", "rollback", "remove"):
+        t.add_parser(name).add_argument("name")
+    for q in t.choices.values():
+        q.set_defaults(fn=cmd_task, canary=None)
+    p = sub.add_parser("top", help="live per-task table")
+    p.add_argument("--interval", type=float, default=1.0)
+    p.add_argument("--once", action="store_true")
+    p.set_defaults(fn=cmd_top)
+    sub.add_parser("info", help="daemon, backbones, memory regions").set_defaults(fn=cmd_info)
+    p = sub.add_parser("health", help="readiness of the daemon or a task")
+    p.add_argument("task", nargs="?")
+    p.set_defaults(fn=cmd_info)
+    p = sub.add_parser("demo", help="the main job on the embedded backbone")
+    p.add_argument("--requests", type=int, default=400)
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--quick", action="store_true", help="fewer requests (for tests)")
+    p.set_defaults(fn=cmd_demo)
+    p = sub.add_parser("bench", help="run a benchmark from bench/")
+    p.add_argument("name")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_bench)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except FmplexError as e:
+        print(f"fmplex: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"fmplex: {e}", file=sys.stderr)
+        return 2

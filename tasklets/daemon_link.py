@@ -1,0 +1,252 @@
+"""A task process's link to fmplexd: one DEALER on the task plane and one handle-plane connection,
+carrying any number of sessions (a task's main version and its canary), told apart by epoch.
+
+Lifecycle of a session: Register -> Registered(slot grant) -> OpenRegions over the handle plane
+(slot fd, mapped read-write; the backbone fd is closed unmapped: a standard task never touches it)
+-> write the extension into the granted half -> Commit -> Committed. Updates: PrepareUpdate ->
+UpdateReady -> write -> Commit -> Committed. `lost` is set when the daemon stops answering
+heartbeats, closes the handle plane, refuses our epoch or says it is shutting down; every pending
+request then fails with DAEMON_UNAVAILABLE and the owner reconnects with a new link.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from ipc import transport
+from ipc.addresses import RunDir
+from ipc.errors import ErrorCode, FmplexError, ProtocolError
+from ipc.handles import HandleClient
+from ipc.messages import (PROTOCOL_VERSION, Command, Commit, Committed, Error, ExtensionSpec,
+                          Heartbeat, Hello, OpenRegions, Output, PrepareUpdate, Registered,
+                          Register, RegionsGranted, Result, Role, SlotGrant, Submit, TaskConfig,
+                          Unregister, UpdateReady, Welcome)
+from ipc.shm import MappedRegion
+
+log = logging.getLogger("fmplex.task")
+SESSION_MESSAGES = (Result, Committed, UpdateReady, Command, Heartbeat)   # carry a session epoch
+
+
+class DaemonLost(FmplexError):
+    def __init__(self, why: str):
+        super().__init__(ErrorCode.DAEMON_UNAVAILABLE, f"lost the daemon: {why}")
+
+
+@dataclass(slots=True, eq=False)
+class Session:
+    epoch: int
+    config: TaskConfig
+    spec: ExtensionSpec
+    grant: SlotGrant
+    region: MappedRegion
+    version: int = 0
+
+
+class DaemonLink:
+    def __init__(self, run_dir: RunDir, on_command: Callable[[Session, Command], Awaitable] | None = None):
+        self.run_dir, self.on_command = run_dir, on_command
+        self.ctx = zmq.asyncio.Context()
+        self.sock: zmq.asyncio.Socket | None = None
+        self.handles: HandleClient | None = None
+        self.sessions: dict[int, Session] = {}
+        self.welcome: Welcome | None = None
+        self.lost = asyncio.Event()
+        self.lost_reason = ""
+        self._refs = itertools.count(1)
+        self._pending: dict[int, asyncio.Future] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._last_heard = time.monotonic()
+
+    # -- connection ---------------------------------------------------------------------------
+
+    async def open(self, timeout_s: float = 30.0) -> Welcome:
+        """Connect and handshake, retrying until the daemon answers or timeout_s passes."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self.handles = HandleClient(self.run_dir.handles)
+                break
+            except OSError as e:
+                if time.monotonic() > deadline:
+                    raise DaemonLost(f"no handle plane at {self.run_dir.handles} ({e})") from None
+                await asyncio.sleep(0.05)
+        self.sock = transport.dealer(self.ctx, self.run_dir.tasks)
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._reader()))
+        loop.add_reader(self.handles.sock.fileno(), self._handle_plane_readable)
+        while True:
+            try:
+                self.welcome = await self._request(
+                    Hello(ref=next(self._refs), proto=PROTOCOL_VERSION, role=Role.TASK,
+                          pid=os.getpid()), timeout_s=0.5)
+                break
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise DaemonLost("no Welcome from the daemon") from None
+        self._last_heard = time.monotonic()
+        self._tasks.append(loop.create_task(self._heartbeats(self.welcome.heartbeat_ms / 1e3)))
+        return self.welcome
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._fail_pending("link closed")
+        if self.handles is not None:
+            try:
+                asyncio.get_running_loop().remove_reader(self.handles.sock.fileno())
+            except (ValueError, OSError):
+                pass
+            self.handles.close()
+        for s in self.sessions.values():
+            s.region.close()
+        self.sessions.clear()
+        if self.sock is not None:
+            self.sock.close()
+        self.ctx.term()
+
+    # -- sessions -----------------------------------------------------------------------------
+
+    async def register(self, config: TaskConfig, spec: ExtensionSpec, tensors: dict[str, np.ndarray],
+                       endpoint: str = "", tcp_endpoint: str = "", server_key: str = "") -> Session:
+        reg: Registered = await self._request(Register(
+            ref=next(self._refs), task=config, extension=spec, pid=os.getpid(), endpoint=endpoint,
+            tcp_endpoint=tcp_endpoint, server_key=server_key))
+        session = Session(reg.epoch, config, spec, reg.slot, self._map_slot(reg.slot))
+        self.sessions[reg.epoch] = session
+        await self._write_and_commit(session, reg.slot, spec, tensors)
+        return session
+
+    async def update(self, session: Session, spec: ExtensionSpec, tensors: dict[str, np.ndarray]) -> int:
+        ready: UpdateReady = await self._request(PrepareUpdate(
+            epoch=session.epoch, ref=next(self._refs), extension=spec))
+        if ready.slot.generation != session.grant.generation:    # a new layout: a new region
+            old = session.region
+            session.region = self._map_slot(ready.slot)
+            old.close()
+        await self._write_and_commit(session, ready.slot, spec, tensors)
+        return session.version
+
+    async def unregister(self, session: Session) -> None:
+        self.sessions.pop(session.epoch, None)
+        try:
+            await self._request(Unregister(epoch=session.epoch, ref=next(self._refs)), timeout_s=2.0)
+        finally:
+            session.region.close()
+
+    async def submit(self, session: Session, output: Output, ids: np.ndarray, lengths: list[int],
+                     deadline_ms: int, type_ids: np.ndarray | None = None) -> Result:
+        return await self._request(Submit(epoch=session.epoch, ref=next(self._refs), output=output,
+                                          lengths=lengths, ids=ids, type_ids=type_ids,
+                                          deadline_ms=deadline_ms), timeout_s=None)
+
+    def reply(self, msg) -> None:
+        """Answer the daemon (e.g. a relayed Command)."""
+        transport.send(self.sock, msg)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _map_slot(self, grant: SlotGrant) -> MappedRegion:
+        reply, fds = self.handles.request(OpenRegions(ref=next(self._refs), token=grant.token))
+        try:
+            if isinstance(reply, Error):
+                raise FmplexError(reply.code, reply.message)
+            if not isinstance(reply, RegionsGranted) or len(fds) != 2:
+                raise FmplexError(ErrorCode.INTERNAL, "unexpected handle-plane reply")
+            return MappedRegion(fds[1], reply.slot_size, writable=True)
+        finally:
+            for fd in fds:          # a standard task never maps the backbone (fds[0])
+                os.close(fd)
+
+    async def _write_and_commit(self, session: Session, grant: SlotGrant, spec: ExtensionSpec,
+                                tensors: dict[str, np.ndarray]) -> None:
+        base = grant.half * grant.half_bytes
+        for entry in grant.entries:
+            session.region.array(entry, base)[...] = tensors[entry.name]
+        done: Committed = await self._request(Commit(epoch=session.epoch, ref=next(self._refs),
+                                                     generation=grant.generation, half=grant.half))
+        session.grant, session.spec, session.version = grant, spec, done.version
+
+    async def _request(self, msg, timeout_s: float | None = 10.0):
+        if self.lost.is_set():
+            raise DaemonLost(self.lost_reason)
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[msg.ref] = fut
+        try:
+            transport.send(self.sock, msg)
+            reply = await (asyncio.wait_for(fut, timeout_s) if timeout_s else fut)
+        finally:
+            self._pending.pop(msg.ref, None)
+        if isinstance(reply, Error):
+            raise FmplexError(reply.code, reply.message)
+        return reply
+
+    async def _reader(self) -> None:
+        while True:
+            env = await transport.recv(self.sock, router_side=False)
+            try:
+                msg = env.decode()
+            except ProtocolError as e:
+                log.warning("dropping a malformed message from the daemon: %s", e)
+                continue
+            self._last_heard = time.monotonic()
+            if isinstance(msg, SESSION_MESSAGES) and msg.epoch not in self.sessions:
+                continue                                     # stale: an ended session's traffic
+            if isinstance(msg, Heartbeat):
+                continue
+            if isinstance(msg, Command):
+                if self.on_command is not None:
+                    asyncio.get_running_loop().create_task(self.on_command(self.sessions[epoch], msg))
+                continue
+            if isinstance(msg, Error) and msg.code in (ErrorCode.SHUTTING_DOWN, ErrorCode.STALE_EPOCH) \
+                    and msg.ref not in self._pending:
+                self._mark_lost(msg.message)
+                continue
+            fut = self._pending.get(getattr(msg, "ref", -1))
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+
+    async def _heartbeats(self, period: float) -> None:
+        seq = itertools.count(1)
+        timeout = 4 * period
+        while True:
+            await asyncio.sleep(period)
+            for s in list(self.sessions.values()):
+                try:
+                    transport.send(self.sock, Heartbeat(epoch=s.epoch, seq=next(seq)))
+                except FmplexError:
+                    pass
+            if self.sessions and time.monotonic() - self._last_heard > timeout:
+                self._mark_lost(f"no heartbeat for {timeout:.1f}s")
+
+    def _handle_plane_readable(self) -> None:
+        try:
+            data = self.handles.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            asyncio.get_running_loop().remove_reader(self.handles.sock.fileno())
+            self._mark_lost("handle plane closed")
+
+    def _mark_lost(self, why: str) -> None:
+        if not self.lost.is_set():
+            self.lost_reason = why
+            self.lost.set()
+            self._fail_pending(why)
+
+    def _fail_pending(self, why: str) -> None:
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(DaemonLost(why))

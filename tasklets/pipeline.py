@@ -1,0 +1,105 @@
+"""A task's pre- and post-processing: tokenize with the backbone's own tokenizer (tokenizers on
+tokenizer.json), and turn the executor's output into the client's answer (numpy only).
+
+Over-long inputs are truncated to the positions the backbone leaves (its limit minus the task's
+virtual prompt tokens); the reply marks each truncated input (`truncated[i] = true`).
+
+    text-embedding        pooled rows, L2-normalised                  -> embeddings (n, H)
+    text-classification   softmax over the head's logits, top-k       -> labels [[{label, score}]]
+    token-classification  per-token softmax, arg-max label, special   -> tokens [[{start, end,
+                          tokens dropped, character offsets kept          label, score}]]
+    sentence-similarity   cosine of the normalised embeddings of       -> similarity [float]
+                          texts[i] and pairs[i]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from ipc.errors import ErrorCode, FmplexError
+from ipc.messages import InferReply, LabelScore, TokenLabel
+from tasklets.spec import Pipeline, TaskSpec
+
+
+@dataclass(slots=True)
+class Encoded:
+    ids: np.ndarray                 # (sum len,) int32
+    lengths: list[int]
+    truncated: list[bool]
+    offsets: list[list[tuple[int, int]]]     # per sequence, per token: character span
+    special: list[list[int]]                 # per sequence, per token: 1 if special
+
+
+class TaskPipeline:
+    def __init__(self, spec: TaskSpec, tokenizer_path: str, max_length: int):
+        if not tokenizer_path:
+            raise FmplexError(ErrorCode.INVALID_INPUT, "the backbone has no tokenizer.json")
+        self.spec = spec
+        self.tokenizer = Tokenizer.from_file(tokenizer_path)
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(max_length)
+        self.max_length = max_length
+
+    @property
+    def output(self):
+        return self.spec.pipeline.output
+
+    def encode(self, texts: list[str], pairs: list[str] | None = None) -> Encoded:
+        if self.spec.pipeline is Pipeline.SIMILARITY:
+            if pairs is None or len(pairs) != len(texts):
+                raise FmplexError(ErrorCode.INVALID_INPUT,
+                                  "sentence-similarity needs `pairs`, one per text")
+            texts = list(texts) + list(pairs)
+        elif pairs is not None:
+            raise FmplexError(ErrorCode.INVALID_INPUT, f"a {self.spec.pipeline.value} task takes no pairs")
+        encs = self.tokenizer.encode_batch(texts)
+        ids = np.fromiter((i for e in encs for i in e.ids), np.int32)
+        return Encoded(ids=ids, lengths=[len(e.ids) for e in encs],
+                       truncated=[bool(e.overflowing) for e in encs],
+                       offsets=[e.offsets for e in encs],
+                       special=[e.special_tokens_mask for e in encs])
+
+    def reply(self, ref: int, task: str, version: int, enc: Encoded, data: np.ndarray,
+              top_k: int) -> InferReply:
+        kind = self.spec.pipeline
+        truncated = enc.truncated
+        if kind is Pipeline.EMBEDDING:
+            return InferReply(ref=ref, task=task, version=version, truncated=truncated,
+                              embeddings=normalize(data))
+        if kind is Pipeline.SIMILARITY:
+            n = len(enc.lengths) // 2
+            e = normalize(data)
+            sims = np.einsum("ij,ij->i", e[:n], e[n:])
+            return InferReply(ref=ref, task=task, version=version,
+                              truncated=[a or b for a, b in zip(truncated[:n], truncated[n:])],
+                              similarity=[float(s) for s in sims])
+        if kind is Pipeline.CLASSIFICATION:
+            return InferReply(ref=ref, task=task, version=version, truncated=truncated,
+                              labels=[self._top_k(row, top_k) for row in softmax(data)])
+        probs = softmax(data)
+        tokens, start = [], 0
+        for n, offsets, special in zip(enc.lengths, enc.offsets, enc.special):
+            rows = probs[start:start + n]
+            start += n
+            best = rows.argmax(axis=1)
+            tokens.append([TokenLabel(start=int(a), end=int(b), label=self.spec.labels[k],
+                                      score=float(rows[t, k]))
+                           for t, ((a, b), s, k) in enumerate(zip(offsets, special, best)) if not s])
+        return InferReply(ref=ref, task=task, version=version, truncated=truncated, tokens=tokens)
+
+    def _top_k(self, probs: np.ndarray, k: int) -> list[LabelScore]:
+        k = min(k, len(probs))
+        idx = np.argsort(-probs, kind="stable")[:k]
+        return [LabelScore(label=self.spec.labels[i], score=float(probs[i])) for i in idx]
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    z = x - x.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)).astype(np.float32)

@@ -1,0 +1,232 @@
+"""The task process (`fmplex task run SPEC`): one task's virtual foundation model.
+
+It loads and validates its extension, registers with fmplexd, writes the extension into its slot,
+binds its client endpoint and serves: tokenize -> Submit -> Result -> post-process -> reply.
+It reconnects and re-registers by itself when the daemon restarts, and carries out the operator's
+lifecycle commands relayed by the daemon:
+    update   (canary_percent = 0)  hot-swap to a new extension version; a failure keeps the old one
+    update   (canary_percent > 0)  stage the new version as `NAME@canary` and route that share of
+                                   requests to it (its stats are its own task entry in the daemon)
+    promote / rollback             make the canary the only version / drop it
+    stop                           unregister and exit
+Standard task processes never import torch.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+import sys
+from dataclasses import dataclass
+
+import zmq.asyncio
+
+from ipc.addresses import RunDir, default_run_dir
+from ipc.errors import TASK_EXIT_PREFIX, ErrorCode, FmplexError
+from ipc.messages import BackboneInfo, Command, Error, HeadInput, Infer, Ok, Op
+from tasklets.adapters import Extension, build_extension, validate
+from tasklets.daemon_link import DaemonLink, DaemonLost, Session
+from tasklets.endpoint import ClientEndpoint
+from tasklets.pipeline import TaskPipeline
+from tasklets.spec import TaskSpec, load_spec, parse_spec
+
+log = logging.getLogger("fmplex.task")
+RECONNECT_TIMEOUT_S = 3600.0
+CANARY = "canary"
+
+
+@dataclass(slots=True, eq=False)
+class Variant:
+    """One live version of the task: its spec, extension, pipeline and daemon session."""
+    name: str                    # "sentiment" or "sentiment@canary"
+    spec: TaskSpec
+    ext: Extension
+    pipeline: TaskPipeline
+    session: Session | None = None
+
+
+def load_extension(spec: TaskSpec, info: BackboneInfo) -> Extension:
+    """Read the spec's extension sources and check them against the backbone (shapes, labels)."""
+    ext = build_extension(spec.adapter, spec.head, spec.pooling,
+                          spec.pipeline.head_input or HeadInput.POOLED, spec.head_activation)
+    validate(ext, info)
+    head = ext.spec.head
+    if head is not None and spec.labels and head.num_labels != len(spec.labels):
+        raise FmplexError(ErrorCode.INVALID_EXTENSION, f"the head has {head.num_labels} outputs "
+                          f"but the spec lists {len(spec.labels)} labels")
+    return ext
+
+
+class TaskProcess:
+    def __init__(self, spec: TaskSpec, run_dir: RunDir):
+        self.spec, self.run_dir = spec, run_dir
+        self.address = run_dir.endpoint(spec.owner_uid, spec.name)
+        self.main: Variant | None = None
+        self.canary: Variant | None = None
+        self.canary_percent = 0
+        self.link: DaemonLink | None = None
+        self.endpoint: ClientEndpoint | None = None
+        self.stop = asyncio.Event()
+        self._rng = random.Random()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop.set)
+        self.link = await self._connect(timeout_s=30.0)
+        self.main = self._variant(self.spec.name, self.spec, self.link.welcome)
+        self.endpoint = ClientEndpoint(zmq.asyncio.Context(), self.address, self.spec.owner_uid,
+                                       self.infer, self.spec.tcp, self.spec.authorized_keys)
+        await self._register(self.main)
+        self.endpoint.start()
+        log.info("task %s serving at %s (version %d)", self.spec.name, self.address,
+                 self.main.session.version)
+        watcher = loop.create_task(self._reconnect_forever())
+        await self.stop.wait()
+        watcher.cancel()
+        await self._shutdown()
+
+    # -- serving ------------------------------------------------------------------------------
+
+    async def infer(self, msg: Infer):
+        variant = self.main
+        if self.canary is not None and self._rng.random() * 100 < self.canary_percent:
+            variant = self.canary
+        session = variant.session
+        if session is None or self.link.lost.is_set():
+            raise FmplexError(ErrorCode.DAEMON_UNAVAILABLE, "reconnecting to the daemon")
+        deadline_ms = msg.timeout_ms or variant.spec.deadline_ms
+        enc = variant.pipeline.encode(msg.texts, msg.pairs)
+        try:
+            result = await asyncio.wait_for(
+                self.link.submit(session, variant.pipeline.output, enc.ids, enc.lengths, deadline_ms),
+                deadline_ms / 1e3)
+        except asyncio.TimeoutError:
+            raise FmplexError(ErrorCode.TIMEOUT, f"no result within {deadline_ms} ms") from None
+        return variant.pipeline.reply(msg.ref, variant.name, result.version, enc, result.data,
+                                      msg.top_k or variant.spec.top_k)
+
+    # -- daemon connection --------------------------------------------------------------------
+
+    async def _connect(self, timeout_s: float) -> DaemonLink:
+        link = DaemonLink(self.run_dir, on_command=self._on_command)
+        try:
+            welcome = await link.open(timeout_s)
+        except BaseException:
+            await link.close()
+            raise
+        if not any(b.name == self.spec.backbone for b in welcome.backbones):
+            await link.close()
+            raise FmplexError(ErrorCode.INVALID_INPUT, f"the daemon has no backbone "
+                              f"{self.spec.backbone!r}")
+        return link
+
+    def _variant(self, name: str, spec: TaskSpec, welcome) -> Variant:
+        info = next(b for b in welcome.backbones if b.name == spec.backbone)
+        ext = load_extension(spec, info)
+        pipeline = TaskPipeline(spec, info.tokenizer, info.max_positions - ext.spec.prompt_tokens)
+        return Variant(name, spec, ext, pipeline)
+
+    async def _register(self, v: Variant) -> None:
+        variant = v.name.partition("@")[2]
+        v.session = await self.link.register(
+            v.spec.task_config(variant), v.ext.spec, v.ext.tensors, endpoint=self.address,
+            tcp_endpoint=self.spec.tcp, server_key=self.endpoint.public_key)
+
+    async def _reconnect_forever(self) -> None:
+        while True:
+            await self.link.lost.wait()
+            log.warning("daemon lost (%s); reconnecting", self.link.lost_reason)
+            for v in (self.main, self.canary):
+                if v is not None:
+                    v.session = None
+            await self.link.close()
+            while True:
+                try:
+                    self.link = await self._connect(RECONNECT_TIMEOUT_S)
+                    for v in (self.main, self.canary):
+                        if v is not None:
+                            await self._register(v)
+                    log.info("re-registered %s with the new daemon", self.spec.name)
+                    break
+                except (DaemonLost, FmplexError, TimeoutError) as e:
+                    log.warning("re-registration failed (%s); retrying", e)
+                    await self.link.close()
+                    await asyncio.sleep(0.1)
+
+    # -- operator commands --------------------------------------------------------------------
+
+    async def _on_command(self, session: Session, cmd: Command) -> None:
+        try:
+            message = await self._command(cmd)
+            self.link.reply(Ok(ref=cmd.ref, message=message))
+        except FmplexError as e:
+            self.link.reply(Error(cmd.ref, e.code, e.message, epoch=cmd.epoch))
+        except Exception as e:
+            log.exception("command %s failed", cmd.op.value)
+            self.link.reply(Error(cmd.ref, ErrorCode.INTERNAL, repr(e)[:500], epoch=cmd.epoch))
+
+    async def _command(self, cmd: Command) -> str:
+        if cmd.op is Op.STOP:
+            self.stop.set()
+            return "stopping"
+        if cmd.op is Op.ROLLBACK:
+            await self._drop_canary()
+            return f"rolled back to version {self.main.session.version}"
+        if cmd.op is Op.PROMOTE:
+            if self.canary is None:
+                raise FmplexError(ErrorCode.INVALID_INPUT, "there is no canary to promote")
+            return await self._swap_main(self.canary.spec, drop_canary=True)
+        spec = parse_spec(cmd.spec, base_dir=cmd.spec_dir or None) if cmd.spec else self.spec
+        if spec.name != self.spec.name or spec.owner_uid != self.spec.owner_uid:
+            raise FmplexError(ErrorCode.INVALID_INPUT, "an update may not change name or owner")
+        if cmd.canary_percent == 0:
+            return await self._swap_main(spec, drop_canary=False)
+        variant = self._variant(f"{spec.name}@{CANARY}", spec, self.link.welcome)
+        await self._drop_canary()
+        await self._register(variant)
+        self.canary, self.canary_percent = variant, cmd.canary_percent
+        return f"canary version {variant.session.version} takes {cmd.canary_percent}% of requests"
+
+    async def _swap_main(self, spec: TaskSpec, drop_canary: bool) -> str:
+        """Hot-swap the main version; on any failure the old version keeps serving."""
+        staged = self._variant(spec.name, spec, self.link.welcome)     # raises on a bad extension
+        await self.link.update(self.main.session, staged.ext.spec, staged.ext.tensors)
+        staged.session = self.main.session
+        self.main = staged
+        if drop_canary:
+            await self._drop_canary()
+        return f"now serving version {self.main.session.version}"
+
+    async def _drop_canary(self) -> None:
+        canary, self.canary, self.canary_percent = self.canary, None, 0
+        if canary is not None and canary.session is not None:
+            try:
+                await self.link.unregister(canary.session)
+            except FmplexError as e:
+                log.warning("could not unregister the canary: %s", e)
+
+    async def _shutdown(self) -> None:
+        for v in (self.canary, self.main):
+            if v is not None and v.session is not None and not self.link.lost.is_set():
+                try:
+                    await self.link.unregister(v.session)
+                except FmplexError:
+                    pass
+        await self.endpoint.close()
+        await self.link.close()
+
+
+def main(spec_path: str, run_dir: str | None = None) -> int:
+    """Entry point of `fmplex task run`. Exits 2 with `fmplex-task-error: CODE: message` on stderr
+    when the task cannot start (the supervisor reports that line as the deploy's error)."""
+    from ipc import aio
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        spec = load_spec(spec_path)
+        aio.run(TaskProcess(spec, RunDir(run_dir or default_run_dir())).run())
+        return 0
+    except FmplexError as e:
+        print(f"{TASK_EXIT_PREFIX}{e.code.value}: {e.message}", file=sys.stderr, flush=True)
+        return 2

@@ -1,0 +1,30 @@
+"""Session fixtures: the real embedded backbone (all-MiniLM-L6-v2) and tiny random checkpoints."""
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    from fmplexd.backbone import embedded_backbone_path
+    return embedded_backbone_path()
+
+
+@pytest.fixture(scope="session")
+def minilm(minilm_path):
+    from fmplexd.backbone import load_backbone
+    return load_backbone("default", minilm_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    from fmplexd.tiny import write_tiny
+    return write_tiny(str(tmp_path_factory.mktemp("tiny-bert")), "bert")
+
+
+@pytest.fixture(scope="session")
+def tiny_roberta(tmp_path_factory) -> str:
+    from fmplexd.tiny import write_tiny
+    return write_tiny(str(tmp_path_factory.mktemp("tiny-roberta")), "roberta", seed=1)

@@ -1,0 +1,161 @@
+"""Shared test helpers: write an extension into a real slot (as a task process would) and commit
+it; start real daemons and task processes and wait on their own signals (sd_notify READY, the task's
+"serving" log line), never on sleeps; clean every process up."""
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from fmplexd.slots import ExtensionView, Slot
+from ipc.messages import BackboneInfo
+from ipc.shm import MappedRegion
+from tasklets.adapters import Extension, validate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def commit_extension(ext: Extension, info: BackboneInfo, name: str = "t") -> ExtensionView:
+    """Validate, write into a fresh slot through a writable mapping, commit; return the view."""
+    validate(ext, info)
+    slot = Slot(name, ext.spec, info, generation=1)
+    writer = MappedRegion(slot.fd, slot.size, writable=True)
+    base = slot.writable_half * slot.half_bytes
+    for e in slot.entries:
+        writer.array(e, base)[...] = ext.tensors[e.name]
+    slot.commit(slot.writable_half)
+    writer.close()
+    return slot.active
+
+
+def short_tmpdir(prefix: str = "fmx-") -> str:
+    """A short directory under /tmp (ipc:// paths must stay under 107 bytes)."""
+    return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+
+
+def wait_notify(sock: socket.socket, want: bytes, timeout_s: float) -> list[bytes]:
+    """Read sd_notify datagrams until one contains `want`; returns all datagrams read."""
+    got, deadline = [], time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no {want!r} from the daemon; got {got}")
+        sock.settimeout(left)
+        data = sock.recv(65536)
+        got.append(data)
+        if want in data:
+            return got
+
+
+class Daemon:
+    """A real fmplexd subprocess in a private run dir."""
+
+    def __init__(self, backbone: str, config: str = "", env: dict | None = None):
+        self.dir = short_tmpdir()
+        self.run_dir = os.path.join(self.dir, "run")
+        self.notify_path = os.path.join(self.dir, "notify.sock")
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(self.notify_path)
+        self.config_path = os.path.join(self.dir, "fmplexd.toml")
+        with open(self.config_path, "w") as f:
+            f.write(f'run_dir = "{self.run_dir}"\n{config}\n'
+                    f'[[backbone]]\nname = "default"\npath = "{backbone}"\n')
+        self.env = dict(os.environ, NOTIFY_SOCKET=self.notify_path, FMPLEX_RUN_DIR=self.run_dir,
+                        **(env or {}))
+        self.proc: subprocess.Popen | None = None
+        self.notices: list[bytes] = []
+
+    def start(self, timeout_s: float = 90.0) -> "Daemon":
+        self.log = open(os.path.join(self.dir, "fmplexd.log"), "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "fmplexd.main", "--config",
+                                      self.config_path], env=self.env, cwd=REPO,
+                                     stdout=self.log, stderr=self.log)
+        self.notices += wait_notify(self.notify, b"READY=1", timeout_s)
+        return self
+
+    def stop(self, timeout_s: float = 20.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def client(self, timeout_s: float = 30.0):
+        from tasklets.client import Client
+        return Client(self.run_dir, timeout_s=timeout_s)
+
+    def log_text(self) -> str:
+        with open(os.path.join(self.dir, "fmplexd.log"), errors="replace") as f:
+            return f.read()
+
+    def cleanup(self) -> None:
+        self.stop()
+        self.notify.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class TaskProc:
+    """A real `fmplex task run SPEC` process; start() returns once it logs that it serves."""
+
+    def __init__(self, spec_path: str, run_dir: str, env: dict | None = None, preexec=None):
+        self.spec_path, self.run_dir = spec_path, run_dir
+        self.env = dict(os.environ, FMPLEX_RUN_DIR=run_dir, **(env or {}))
+        self.preexec = preexec
+        self.proc: subprocess.Popen | None = None
+        self.output = b""
+
+    def start(self, timeout_s: float = 60.0, expect: bytes = b" serving at ") -> "TaskProc":
+        self.proc = subprocess.Popen([sys.executable, "-m", "tasklets", "task", "run",
+                                      self.spec_path], env=self.env, cwd=REPO,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     preexec_fn=self.preexec)
+        self.wait_for(expect, timeout_s)
+        return self
+
+    def wait_for(self, text: bytes, timeout_s: float) -> None:
+        """Read the process's output until `text` appears (or it exits, or time runs out)."""
+        deadline = time.monotonic() + timeout_s
+        fd = self.proc.stdout.fileno()
+        while text not in self.output:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{text!r} not seen; output: {self.output.decode()[-2000:]}")
+            ready, _, _ = select.select([fd], [], [], left)
+            if ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    raise RuntimeError(f"task exited ({self.proc.wait()}): "
+                                       f"{self.output.decode()[-2000:]}")
+                self.output += chunk
+
+    def stop(self) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc.wait()
+        with contextlib.suppress(OSError):
+            self.output += self.proc.stdout.read() or b""
+        self.proc.stdout.close()
+        return self.proc.returncode
+
+
+def write_spec(directory: str, name: str, body: str) -> str:
+    path = os.path.join(directory, f"{name}.toml")
+    with open(path, "w") as f:
+        f.write(f'name = "{name}"\n{body}\n')
+    return path
