@@ -7,7 +7,8 @@ backbone. Built once, never rewritten after construction.
     token_budget = 4096                # tokens per batch
     max_batch_requests = 256
     max_request_tokens = 16384         # per Submit; larger ones are refused as oversized
-    threads = 0                        # torch intra-op threads (0 = torch's default)
+    threads = 0                        # torch intra-op threads; 0 = cores - 1 (min 1), leaving a
+                                       # core to task processes, clients and the daemon's I/O
     trust_root = true                  # uid 0 may act for any owner
     keep_slot_on_death = false
     drain_timeout_s = 10.0             # SIGTERM: time to finish in-flight work

@@ -42,8 +42,7 @@ class Daemon:
         self.run_dir = RunDir(config.run_dir)
         self.epoch = transport.new_epoch()
         self.started = time.monotonic()
-        if config.threads:
-            torch.set_num_threads(config.threads)
+        torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 2) - 1))
         self.backbones: dict[str, Backbone] = {}
         for b in config.backbones:
             self.notify(status=f"loading backbone {b.name}", extend_timeout_s=120)
@@ -168,10 +167,13 @@ class Daemon:
             now = time.monotonic()
             for engine in self.engines.values():
                 self.answer_expired(engine.scheduler.expire(now))
-            for session in self.liveness.expired(now):
-                entry = self.registry.by_session.get(session)
-                if entry is not None:
-                    lifecycle.task_died(self, entry, "heartbeat timeout")
+            if not self.tasks_sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                # Only judge liveness with the task plane read dry: heartbeats waiting in the
+                # socket mean the loop was late, not that the tasks are.
+                for session in self.liveness.expired(now):
+                    entry = self.registry.by_session.get(session)
+                    if entry is not None:
+                        lifecycle.task_died(self, entry, "heartbeat timeout")
             if now - last_beat >= period:
                 last_beat = now
                 seq += 1

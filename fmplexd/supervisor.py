@@ -141,7 +141,7 @@ class Supervisor:
         log_path = os.path.join(self.log_dir, f"{child.name}.log")
         with open(log_path, "ab") as log_file:
             child.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "tasklets", "run", child.spec_path, "--supervised",
+                sys.executable, "-m", "tasklets", "task", "run", child.spec_path, "--supervised",
                 stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file, env=env,
                 start_new_session=True, **as_user)
         child.started = time.monotonic()

@@ -248,7 +248,9 @@ class Tensor(Spec):
         return arr
 
     def encode(self, value, ctx):
-        arr = np.ascontiguousarray(value)
+        arr = np.asarray(value)
+        if not arr.flags.c_contiguous:   # (np.ascontiguousarray alone would make 0-d arrays 1-d)
+            arr = np.ascontiguousarray(arr)
         if arr.dtype.byteorder == ">":   # the wire is little-endian: swap the bytes, not just the name
             arr = arr.astype(arr.dtype.newbyteorder("<"))
         name = DTYPE_NAMES.get(arr.dtype)

@@ -18,7 +18,8 @@ from ipc import codec
 from ipc.errors import ErrorCode, FmplexError, ProtocolError
 from ipc.messages import Error, Message
 
-MAX_DATAGRAM = 4 << 20
+MAX_DATAGRAM = 4 << 20          # replies (a backbone manifest can be large)
+MAX_REQUEST = 64 << 10          # requests to the server are small; a smaller buffer is faster
 MAX_FDS = 8
 
 
@@ -47,10 +48,10 @@ def send_message(sock: socket.socket, msg: Message, fds: list[int] = ()) -> None
 
 
 def recv_message(sock: socket.socket, allowed: frozenset[type] | None = None,
-                 max_fds: int = MAX_FDS) -> tuple[Message, list[int]]:
+                 max_fds: int = MAX_FDS, bufsize: int = MAX_DATAGRAM) -> tuple[Message, list[int]]:
     """One datagram -> (message, received fds). Malformed input raises ProtocolError after closing
     any fds that came with it; EOF raises HandlePlaneClosed."""
-    data, fds, flags, _ = socket.recv_fds(sock, MAX_DATAGRAM, max_fds)
+    data, fds, flags, _ = socket.recv_fds(sock, bufsize, max_fds)
     try:
         if not data and not fds:
             raise HandlePlaneClosed()
@@ -105,7 +106,7 @@ class HandleServer:
     def _readable(self, conn_id: int) -> None:
         conn, creds = self._conns[conn_id]
         try:
-            msg, fds = recv_message(conn, self.allowed, max_fds=MAX_FDS)
+            msg, fds = recv_message(conn, self.allowed, max_fds=MAX_FDS, bufsize=MAX_REQUEST)
         except (BlockingIOError, InterruptedError):
             return
         except (HandlePlaneClosed, OSError):

@@ -103,10 +103,11 @@ def send(sock: zmq.Socket, msg: Message, identity: bytes | None = None) -> None:
     """Send without blocking. Raises PeerGone / PeerBusy (ROUTER) instead of dropping silently.
     Works for sync and asyncio sockets."""
     frames = codec.encode(msg)
+    copy = len(frames) == 1          # tensor frames go zero-copy; a lone small header is copied
     if identity is not None:
         frames.insert(0, identity)
     try:
-        _sync_view(sock).send_multipart(frames, flags=zmq.NOBLOCK, copy=len(frames) < 3)
+        _sync_view(sock).send_multipart(frames, flags=zmq.NOBLOCK, copy=copy)
     except zmq.ZMQError as e:
         raise _send_error(e, identity) from None
 

@@ -226,7 +226,8 @@ class DaemonLink:
                     transport.send(self.sock, Heartbeat(epoch=s.epoch, seq=next(seq)))
                 except FmplexError:
                     pass
-            if self.sessions and time.monotonic() - self._last_heard > timeout:
+            unread = self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN     # we were late, not it
+            if self.sessions and not unread and time.monotonic() - self._last_heard > timeout:
                 self._mark_lost(f"no heartbeat for {timeout:.1f}s")
 
     def _handle_plane_readable(self) -> None:

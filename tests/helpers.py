@@ -6,20 +6,16 @@ from __future__ import annotations
 import contextlib
 import os
 import select
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 from fmplexd.slots import ExtensionView, Slot
 from ipc.messages import BackboneInfo
 from ipc.shm import MappedRegion
 from tasklets.adapters import Extension, validate
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tasklets.launch import REPO, DaemonProcess, short_tmpdir, wait_notify  # noqa: F401
 
 
 def commit_extension(ext: Extension, info: BackboneInfo, name: str = "t") -> ExtensionView:
@@ -35,73 +31,11 @@ def commit_extension(ext: Extension, info: BackboneInfo, name: str = "t") -> Ext
     return slot.active
 
 
-def short_tmpdir(prefix: str = "fmx-") -> str:
-    """A short directory under /tmp (ipc:// paths must stay under 107 bytes)."""
-    return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
-
-
-def wait_notify(sock: socket.socket, want: bytes, timeout_s: float) -> list[bytes]:
-    """Read sd_notify datagrams until one contains `want`; returns all datagrams read."""
-    got, deadline = [], time.monotonic() + timeout_s
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(f"no {want!r} from the daemon; got {got}")
-        sock.settimeout(left)
-        data = sock.recv(65536)
-        got.append(data)
-        if want in data:
-            return got
-
-
-class Daemon:
-    """A real fmplexd subprocess in a private run dir."""
+class Daemon(DaemonProcess):
+    """A real fmplexd subprocess on the given backbone directory (see tasklets.launch)."""
 
     def __init__(self, backbone: str, config: str = "", env: dict | None = None):
-        self.dir = short_tmpdir()
-        self.run_dir = os.path.join(self.dir, "run")
-        self.notify_path = os.path.join(self.dir, "notify.sock")
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(self.notify_path)
-        self.config_path = os.path.join(self.dir, "fmplexd.toml")
-        with open(self.config_path, "w") as f:
-            f.write(f'run_dir = "{self.run_dir}"\n{config}\n'
-                    f'[[backbone]]\nname = "default"\npath = "{backbone}"\n')
-        self.env = dict(os.environ, NOTIFY_SOCKET=self.notify_path, FMPLEX_RUN_DIR=self.run_dir,
-                        **(env or {}))
-        self.proc: subprocess.Popen | None = None
-        self.notices: list[bytes] = []
-
-    def start(self, timeout_s: float = 90.0) -> "Daemon":
-        self.log = open(os.path.join(self.dir, "fmplexd.log"), "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "fmplexd.main", "--config",
-                                      self.config_path], env=self.env, cwd=REPO,
-                                     stdout=self.log, stderr=self.log)
-        self.notices += wait_notify(self.notify, b"READY=1", timeout_s)
-        return self
-
-    def stop(self, timeout_s: float = 20.0) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-
-    def client(self, timeout_s: float = 30.0):
-        from tasklets.client import Client
-        return Client(self.run_dir, timeout_s=timeout_s)
-
-    def log_text(self) -> str:
-        with open(os.path.join(self.dir, "fmplexd.log"), errors="replace") as f:
-            return f.read()
-
-    def cleanup(self) -> None:
-        self.stop()
-        self.notify.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        super().__init__(backbone, config, env)
 
 
 class TaskProc:
