@@ -43,6 +43,9 @@ async def handle(d: "Daemon", env: transport.Envelope) -> None:
             _authorize_manage(d, uid, None)
             asyncio.get_running_loop().create_task(_deploy(d, env.identity, msg, uid))
             return
+        if isinstance(msg, Health) and msg.wait_ms and msg.name and not health(d, msg).ready:
+            asyncio.get_running_loop().create_task(_await_ready(d, env.identity, msg))
+            return
         answer = _answer(d, env, msg, uid)
     except FmplexError as e:
         answer = Error(msg.ref, e.code, e.message)
@@ -80,7 +83,7 @@ def _answer(d: "Daemon", env, msg, uid: int | None):
         if entry.identity is None or entry.state is not TaskState.READY:
             raise FmplexError(ErrorCode.TASK_UNAVAILABLE, f"task {msg.name} is {entry.state.value}")
         ref = d.new_ref()
-        d.relays[ref] = (env.identity, msg.ref, time.monotonic())
+        d.relays[ref] = (env.identity, msg.ref, time.monotonic(), entry.identity)
         d.send_task(entry, Command(epoch=entry.session, ref=ref, op=msg.op, spec=msg.spec,
                                    spec_dir=msg.spec_dir, canary_percent=msg.canary_percent))
         return None                       # answered by finish_relay
@@ -128,6 +131,19 @@ def health(d: "Daemon", msg: Health) -> HealthReply:
                        detail=entry.state.value)
 
 
+async def _await_ready(d: "Daemon", identity: bytes, msg: Health) -> None:
+    """Long-poll: answer a Health request when its task becomes ready or wait_ms passes."""
+    fut = asyncio.get_running_loop().create_future()
+    d.ready_waiters.setdefault(msg.name, []).append(fut)
+    try:
+        await asyncio.wait_for(fut, msg.wait_ms / 1e3)
+    except asyncio.TimeoutError:
+        waiters = d.ready_waiters.get(msg.name, [])
+        if fut in waiters:
+            waiters.remove(fut)
+    reply(d, identity, health(d, msg))
+
+
 async def _deploy(d: "Daemon", identity: bytes, msg: Deploy, uid: int | None) -> None:
     try:
         name = await d.supervisor.deploy(msg.spec, msg.spec_path, uid)
@@ -140,12 +156,14 @@ async def _deploy(d: "Daemon", identity: bytes, msg: Deploy, uid: int | None) ->
     reply(d, identity, answer)
 
 
-def finish_relay(d: "Daemon", msg: Ok | Error) -> None:
-    """A task answered a relayed Command: pass the answer to the operator who asked."""
-    relay = d.relays.pop(msg.ref, None)
-    if relay is None:
+def finish_relay(d: "Daemon", msg: Ok | Error, sender: bytes) -> None:
+    """A task answered a relayed Command: pass the answer to the operator who asked. Only the
+    process the command went to may answer it."""
+    relay = d.relays.get(msg.ref)
+    if relay is None or relay[3] != sender:
         return
-    identity, ref, _ = relay
+    del d.relays[msg.ref]
+    identity, ref, _, _ = relay
     if isinstance(msg, Ok):
         reply(d, identity, Ok(ref=ref, message=msg.message))
     else:
@@ -153,7 +171,7 @@ def finish_relay(d: "Daemon", msg: Ok | Error) -> None:
 
 
 def expire_relays(d: "Daemon", now: float) -> None:
-    for ref, (identity, op_ref, t) in list(d.relays.items()):
+    for ref, (identity, op_ref, t, _) in list(d.relays.items()):
         if now - t > RELAY_TIMEOUT_S:
             del d.relays[ref]
             reply(d, identity, Error(op_ref, ErrorCode.TIMEOUT, "the task did not answer"))

@@ -53,9 +53,11 @@ class Daemon:
                         for name, bb in self.backbones.items()}
         self.registry = Registry()
         self.liveness = transport.Liveness(config.liveness_ms / 1e3)
-        self.relays: dict[int, tuple[bytes, int, float]] = {}   # command ref -> operator, ref, t
+        self.relays: dict[int, tuple] = {}   # command ref -> (operator, its ref, sent at, task)
         self.supervisor = None          # set by run() (fmplexd.supervisor)
+        self.ready_waiters: dict[str, list[asyncio.Future]] = {}
         self.stopping = False
+        self.failed = False
         self.wake = asyncio.Event()
         self._stop = asyncio.Event()
         self.ctx = zmq.asyncio.Context()
@@ -82,6 +84,8 @@ class Daemon:
         self.supervisor = Supervisor(self)
         loops = [asyncio.create_task(c) for c in (
             self.serve_tasks(), self.serve_control(), self.engine_loop(), self.housekeeping())]
+        for t in loops:
+            t.add_done_callback(self._loop_ended)
         self.notify(ready=True, status=f"serving {len(self.backbones)} backbone(s)")
         log.info("fmplexd ready in %s (epoch %x)", self.run_dir.path, self.epoch)
         try:
@@ -89,6 +93,15 @@ class Daemon:
         finally:
             self.notify(stopping=True, status="draining")
             await self.shutdown(loops)
+
+    def _loop_ended(self, task: asyncio.Task) -> None:
+        """A loop must never end on its own: log why, and stop the daemon (exit status 1) so that
+        systemd restarts it rather than leaving a half-working daemon."""
+        if task.cancelled() or self.stopping:
+            return
+        log.critical("daemon loop %s ended", task.get_coro().__name__, exc_info=task.exception())
+        self.failed = True
+        self.request_stop()
 
     async def _stopped(self) -> None:
         await self._stop.wait()
@@ -161,15 +174,19 @@ class Daemon:
 
     async def housekeeping(self) -> None:
         period = self.config.heartbeat_ms / 1e3
-        seq, last_beat = 0, 0.0
+        tick = min(period, 0.05)
+        seq, last_beat, last_tick, grace_until = 0, 0.0, time.monotonic(), 0.0
         while True:
-            await asyncio.sleep(min(period, 0.05))
+            await asyncio.sleep(tick)
             now = time.monotonic()
+            if now - last_tick > tick + period:
+                # The loop itself stalled: heartbeats may be waiting unread in the socket. Judge
+                # liveness again only after the task plane had time to drain.
+                grace_until = now + 2 * period
+            last_tick = now
             for engine in self.engines.values():
                 self.answer_expired(engine.scheduler.expire(now))
-            if not self.tasks_sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                # Only judge liveness with the task plane read dry: heartbeats waiting in the
-                # socket mean the loop was late, not that the tasks are.
+            if now >= grace_until:
                 for session in self.liveness.expired(now):
                     entry = self.registry.by_session.get(session)
                     if entry is not None:
@@ -221,6 +238,14 @@ class Daemon:
         except transport.PeerBusy:
             log.warning("task %s is not reading its results; dropping a message", entry.name)
         return False
+
+    def task_ready(self, name: str) -> None:
+        """A task committed and serves: wake whoever waits for it."""
+        if self.supervisor is not None:
+            self.supervisor.ready(name)
+        for fut in self.ready_waiters.pop(name, []):
+            if not fut.done():
+                fut.set_result(True)
 
     def new_ref(self) -> int:
         self._next_ref += 1

@@ -99,8 +99,7 @@ def commit(d: "Daemon", entry: TaskEntry, msg: Commit) -> None:
         entry.slot = slot
     entry.spec = spec
     entry.state = TaskState.READY
-    if d.supervisor is not None:
-        d.supervisor.ready(entry.name)
+    d.task_ready(entry.name)
     reply = Committed(epoch=entry.session, ref=msg.ref, version=slot.version)
     entry.pending_acks.append((old_view, reply))
     ack_drained(d, entry)

@@ -11,13 +11,14 @@ from fmplexd.config import load_config
 from fmplexd.sdnotify import Notifier
 
 
-async def _serve(config, notify: Notifier) -> None:
+async def _serve(config, notify: Notifier) -> int:
     from fmplexd.daemon import Daemon
     daemon = Daemon(config, notify)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.request_stop)
     await daemon.run()
+    return 1 if daemon.failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,8 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fmplexd: bad configuration: {e}", file=sys.stderr)
         return 2
     from ipc import aio
-    aio.run(_serve(config, notify))
-    return 0
+    return aio.run(_serve(config, notify))
 
 
 if __name__ == "__main__":

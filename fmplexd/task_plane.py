@@ -48,6 +48,9 @@ def _dispatch(d: "Daemon", env: transport.Envelope, msg, now: float) -> None:
         _reply(d, env.identity, Registered(ref=msg.ref, epoch=entry.session, slot=entry.slot.grant(),
                                            backbone=info, heartbeat_ms=d.config.heartbeat_ms))
         return
+    if isinstance(msg, (Ok, Error)):        # a task answering a relayed Command
+        control.finish_relay(d, msg, env.identity)
+        return
     entry = d.registry.by_session.get(msg.epoch)
     if entry is None:
         raise ProtocolError(ErrorCode.STALE_EPOCH, f"epoch {msg.epoch} is no current session")
@@ -70,8 +73,6 @@ def _dispatch(d: "Daemon", env: transport.Envelope, msg, now: float) -> None:
     elif isinstance(msg, Unregister):
         lifecycle.remove(d, entry, "task unregistered")
         _reply(d, env.identity, Ok(ref=msg.ref))
-    elif isinstance(msg, (Ok, Error)):
-        control.finish_relay(d, msg)
     # Heartbeat: being seen is all it does.
 
 

@@ -465,6 +465,7 @@ class Health(Message):
     TYPE: ClassVar[str] = "health"
     ref: Annotated[int, REF]
     name: Annotated[str, Str(80)] = ""            # "" = the daemon itself
+    wait_ms: Annotated[int, Int(0, 600_000)] = 0  # a task not ready: answer when it is, or then
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,9 +12,9 @@ Rules kept here (docs/protocol.md states them for other languages):
 """
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
-import weakref
 from dataclasses import dataclass
 
 import zmq
@@ -85,31 +85,26 @@ def _send_error(e: zmq.ZMQError, identity) -> FmplexError:
     return FmplexError(ErrorCode.INTERNAL, f"send failed: {e}")
 
 
-_SYNC_VIEWS: "weakref.WeakKeyDictionary[zmq.asyncio.Socket, zmq.Socket]" = weakref.WeakKeyDictionary()
-
-
-def _sync_view(sock: zmq.Socket) -> zmq.Socket:
-    """A plain (sync) socket object on the same libzmq socket, cached on the asyncio socket, so a
-    non-blocking send is a direct call rather than a future."""
-    if not isinstance(sock, zmq.asyncio.Socket):
-        return sock
-    view = _SYNC_VIEWS.get(sock)
-    if view is None:
-        view = _SYNC_VIEWS[sock] = zmq.Socket.shadow(sock.underlying)
-    return view
-
-
 def send(sock: zmq.Socket, msg: Message, identity: bytes | None = None) -> None:
     """Send without blocking. Raises PeerGone / PeerBusy (ROUTER) instead of dropping silently.
-    Works for sync and asyncio sockets."""
+
+    On an asyncio socket the send goes through pyzmq's own API: with NOBLOCK it completes at once
+    (the returned future is already done) and pyzmq re-arms its edge-triggered readers, which a
+    send on a sync shadow of the socket would not do (a reader could then miss its wake-up)."""
     frames = codec.encode(msg)
     copy = len(frames) == 1          # tensor frames go zero-copy; a lone small header is copied
     if identity is not None:
         frames.insert(0, identity)
     try:
-        _sync_view(sock).send_multipart(frames, flags=zmq.NOBLOCK, copy=copy)
+        result = sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=copy)
     except zmq.ZMQError as e:
         raise _send_error(e, identity) from None
+    if isinstance(result, asyncio.Future):
+        if not result.done():                  # only if a blocking send were pending: never here
+            raise FmplexError(ErrorCode.INTERNAL, "asyncio send did not complete at once")
+        error = result.exception()
+        if error is not None:
+            raise _send_error(error, identity) if isinstance(error, zmq.ZMQError) else error
 
 
 @dataclass(slots=True)

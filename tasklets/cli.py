@@ -77,7 +77,9 @@ def cmd_info(args) -> int:
     from ipc.messages import Health, Info
     with _client(args) as c:
         if args.command == "health":
-            h = c.control(Health(ref=c.ref(), name=args.task or ""))
+            wait_ms = int(args.wait * 1000) if args.task else 0
+            h = c.control(Health(ref=c.ref(), name=args.task or "", wait_ms=wait_ms),
+                          timeout_s=args.timeout + args.wait)
             print(f"live={h.live} ready={h.ready} {h.detail}")
             return 0 if h.ready else 1
         info = c.control(Info(ref=c.ref()))
@@ -137,9 +139,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=1.0)
     p.add_argument("--once", action="store_true")
     p.set_defaults(fn=cmd_top)
-    sub.add_parser("info", help="daemon, backbones, memory regions").set_defaults(fn=cmd_info)
+    sub.add_parser("info", help="daemon, backbones, memory regions").set_defaults(fn=cmd_info, wait=0.0)
     p = sub.add_parser("health", help="readiness of the daemon or a task")
     p.add_argument("task", nargs="?")
+    p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the task to be ready")
     p.set_defaults(fn=cmd_info)
     p = sub.add_parser("demo", help="the main job on the embedded backbone")
     p.add_argument("--requests", type=int, default=400)

@@ -195,39 +195,46 @@ class DaemonLink:
         while True:
             env = await transport.recv(self.sock, router_side=False)
             try:
-                msg = env.decode()
+                self._dispatch(env.decode())
             except ProtocolError as e:
                 log.warning("dropping a malformed message from the daemon: %s", e)
-                continue
-            self._last_heard = time.monotonic()
-            if isinstance(msg, SESSION_MESSAGES) and msg.epoch not in self.sessions:
-                continue                                     # stale: an ended session's traffic
-            if isinstance(msg, Heartbeat):
-                continue
-            if isinstance(msg, Command):
-                if self.on_command is not None:
-                    asyncio.get_running_loop().create_task(self.on_command(self.sessions[epoch], msg))
-                continue
-            if isinstance(msg, Error) and msg.code in (ErrorCode.SHUTTING_DOWN, ErrorCode.STALE_EPOCH) \
-                    and msg.ref not in self._pending:
-                self._mark_lost(msg.message)
-                continue
-            fut = self._pending.get(getattr(msg, "ref", -1))
-            if fut is not None and not fut.done():
-                fut.set_result(msg)
+            except Exception:                      # never let one message kill the link
+                log.exception("failed to handle a message from the daemon")
+
+    def _dispatch(self, msg) -> None:
+        self._last_heard = time.monotonic()
+        if isinstance(msg, SESSION_MESSAGES) and msg.epoch not in self.sessions:
+            return                                          # stale: an ended session's traffic
+        if isinstance(msg, Heartbeat):
+            return
+        if isinstance(msg, Command):
+            if self.on_command is not None:
+                asyncio.get_running_loop().create_task(self.on_command(self.sessions[msg.epoch], msg))
+            return
+        if isinstance(msg, Error) and msg.code in (ErrorCode.SHUTTING_DOWN, ErrorCode.STALE_EPOCH) \
+                and msg.ref not in self._pending:
+            self._mark_lost(msg.message)
+            return
+        fut = self._pending.get(getattr(msg, "ref", -1))
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
 
     async def _heartbeats(self, period: float) -> None:
         seq = itertools.count(1)
         timeout = 4 * period
+        last_tick = time.monotonic()
         while True:
             await asyncio.sleep(period)
+            now = time.monotonic()
+            if now - last_tick > 2 * period:       # our own loop stalled: give the reader a turn
+                self._last_heard = max(self._last_heard, now - period)
+            last_tick = now
             for s in list(self.sessions.values()):
                 try:
                     transport.send(self.sock, Heartbeat(epoch=s.epoch, seq=next(seq)))
                 except FmplexError:
                     pass
-            unread = self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN     # we were late, not it
-            if self.sessions and not unread and time.monotonic() - self._last_heard > timeout:
+            if self.sessions and time.monotonic() - self._last_heard > timeout:
                 self._mark_lost(f"no heartbeat for {timeout:.1f}s")
 
     def _handle_plane_readable(self) -> None:

@@ -68,6 +68,7 @@ class TaskProcess:
         self.link: DaemonLink | None = None
         self.endpoint: ClientEndpoint | None = None
         self.stop = asyncio.Event()
+        self.registered = asyncio.Event()      # set while the main version holds a session
         self._rng = random.Random()
 
     async def run(self) -> None:
@@ -79,6 +80,7 @@ class TaskProcess:
         self.endpoint = ClientEndpoint(zmq.asyncio.Context(), self.address, self.spec.owner_uid,
                                        self.infer, self.spec.tcp, self.spec.authorized_keys)
         await self._register(self.main)
+        self.registered.set()
         self.endpoint.start()
         log.info("task %s serving at %s (version %d)", self.spec.name, self.address,
                  self.main.session.version)
@@ -138,6 +140,7 @@ class TaskProcess:
         while True:
             await self.link.lost.wait()
             log.warning("daemon lost (%s); reconnecting", self.link.lost_reason)
+            self.registered.clear()
             for v in (self.main, self.canary):
                 if v is not None:
                     v.session = None
@@ -149,6 +152,7 @@ class TaskProcess:
                         if v is not None:
                             await self._register(v)
                     log.info("re-registered %s with the new daemon", self.spec.name)
+                    self.registered.set()
                     break
                 except (DaemonLost, FmplexError, TimeoutError) as e:
                     log.warning("re-registration failed (%s); retrying", e)
@@ -159,6 +163,7 @@ class TaskProcess:
 
     async def _on_command(self, session: Session, cmd: Command) -> None:
         try:
+            await asyncio.wait_for(self.registered.wait(), 30)   # a command may beat our Committed
             message = await self._command(cmd)
             self.link.reply(Ok(ref=cmd.ref, message=message))
         except FmplexError as e:

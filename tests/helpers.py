@@ -93,3 +93,65 @@ def write_spec(directory: str, name: str, body: str) -> str:
     with open(path, "w") as f:
         f.write(f'name = "{name}"\n{body}\n')
     return path
+
+
+def write_head(path: str, labels: int, hidden: int, seed: int) -> str:
+    """A random linear head file (weight, bias)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+    rng = np.random.default_rng(seed)
+    save_file({"weight": rng.normal(0, 1, (labels, hidden)).astype(np.float32),
+               "bias": rng.normal(0, 0.1, labels).astype(np.float32)}, path)
+    return path
+
+
+def write_lora(path: str, rank: int, layers: list[int], hidden: int, seed: int,
+               modules=("attention.self.query", "attention.self.value"), alpha: float = 16.0) -> str:
+    """A random LoRA adapter directory in PEFT's on-disk format (square modules only)."""
+    import json
+    import numpy as np
+    from safetensors.numpy import save_file
+    rng = np.random.default_rng(seed)
+    os.makedirs(path, exist_ok=True)
+    tensors = {}
+    for layer in layers:
+        for m in modules:
+            key = f"base_model.model.encoder.layer.{layer}.{m}"
+            tensors[f"{key}.lora_A.weight"] = rng.normal(0, 0.3, (rank, hidden)).astype(np.float32)
+            tensors[f"{key}.lora_B.weight"] = rng.normal(0, 0.3, (hidden, rank)).astype(np.float32)
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "bias": "none",
+                   "target_modules": [m.split(".")[-1] for m in modules]}, f)
+    return path
+
+
+class Traffic:
+    """A background client sending requests to some tasks until stopped; records every outcome."""
+
+    def __init__(self, run_dir: str, tasks: list[str], texts=("some input text", "more")):
+        import threading
+        self.run_dir, self.tasks, self.texts = run_dir, tasks, list(texts)
+        self.ok: dict[str, list] = {t: [] for t in tasks}
+        self.failed: dict[str, list] = {t: [] for t in tasks}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        from ipc.errors import FmplexError
+        from tasklets.client import Client
+        with Client(self.run_dir, timeout_s=30) as c:
+            while not self._stop.is_set():
+                for t in self.tasks:
+                    try:
+                        self.ok[t].append(c.infer(t, self.texts))
+                    except FmplexError as e:
+                        self.failed[t].append(e)
+
+    def __enter__(self) -> "Traffic":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(60)
