@@ -45,7 +45,7 @@ class FieldError(ProtocolError):
     def at(self, part: str) -> "FieldError":
         self.path.append(part)
         path = "".join(reversed(self.path)).lstrip(".")
-        self.message = f"field {path}: {self.why}"
+        self.message = f"field {path}: {self.why}" if path else self.why
         self.args = (f"{self.code.value}: {self.message}",)
         return self
 
@@ -96,6 +96,8 @@ class Int(Spec):
 
 
 class Float(Spec):
+    """A finite float in [lo, hi] (NaN and infinities are refused)."""
+
     def __init__(self, lo: float = -math.inf, hi: float = math.inf):
         self.lo, self.hi = lo, hi
 
@@ -103,8 +105,8 @@ class Float(Spec):
         if type(value) not in (float, int):
             raise _bad(f"expected float, got {type(value).__name__}")
         value = float(value)
-        if not self.lo <= value <= self.hi:  # NaN fails this too
-            raise _bad(f"{value} outside [{self.lo}, {self.hi}]")
+        if not (math.isfinite(value) and self.lo <= value <= self.hi):
+            raise _bad(f"{value} outside [{self.lo}, {self.hi}] or not finite")
         return value
 
 
@@ -296,7 +298,7 @@ def build(cls, specs, names, value: dict, ctx: DecodeContext):
     """Check a wire map against a schema's fields and construct the dataclass."""
     extra = value.keys() - names
     if extra:
-        raise _bad(f"unknown field(s) {sorted(str(k)[:32] for k in extra)[:8]}").at(cls.__name__)
+        raise _bad(f"unknown field(s) {sorted(str(k)[:32] for k in extra)[:8]} in {cls.__name__}")
     kwargs = {}
     for name, spec, required in specs:
         if name in value:

@@ -3,11 +3,13 @@ tells the server who the peer is (SO_PEERCRED: pid, uid, gid, from the kernel, u
 
 Each datagram is one codec message (a single header frame, no tensor frames) plus any fds. A task
 keeps its connection open for its whole life: the server sees EOF the moment the process dies,
-which is how the daemon learns of a dead task faster than any heartbeat.
+which is how the daemon learns of a dead task faster than any heartbeat. (SOCK_SEQPACKET cannot
+tell an empty datagram from EOF: a peer that sends one is treated as gone.)
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import struct
@@ -18,6 +20,7 @@ from ipc import codec
 from ipc.errors import ErrorCode, FmplexError, ProtocolError
 from ipc.messages import Error, Message
 
+log = logging.getLogger("fmplex.handles")
 MAX_DATAGRAM = 4 << 20          # replies (a backbone manifest can be large)
 MAX_REQUEST = 64 << 10          # requests to the server are small; a smaller buffer is faster
 MAX_FDS = 8
@@ -125,6 +128,9 @@ class HandleServer:
             reply, out_fds = self.handler(msg, creds, conn_id)
         except FmplexError as e:
             reply, out_fds = Error(getattr(msg, "ref", 0), e.code, e.message), []
+        except Exception as e:          # a handler bug: answer it rather than leave the peer waiting
+            log.exception("handle-plane handler failed")
+            reply, out_fds = Error(getattr(msg, "ref", 0), ErrorCode.INTERNAL, repr(e)[:500]), []
         self._reply(conn_id, reply, out_fds)
 
     def _reply(self, conn_id: int, reply: Message, fds: list[int]) -> None:

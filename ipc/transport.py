@@ -4,8 +4,9 @@ liveness tracking and epochs.
 Rules kept here (docs/protocol.md states them for other languages):
 - ROUTER sockets set ROUTER_MANDATORY, so a send to a peer that is gone raises `PeerGone` instead
   of being dropped silently; a full peer pipe raises `PeerBusy`. Sends never block the loop.
-- Every socket has bounded high-water marks, LINGER 0 and a MAXMSGSIZE (oversized messages are
-  dropped by libzmq before any Python code sees them).
+- Every socket has bounded high-water marks, LINGER 0 and a MAXMSGSIZE (libzmq applies it per
+  frame and drops the sender's connection before any Python code sees the frame; the codec caps a
+  message at MAX_FRAMES frames).
 - Liveness is an application heartbeat (`Liveness` tracks last-seen times); ZeroMQ's own heartbeat
   is answered by its I/O thread even when the application hangs, so it proves nothing.
 - An epoch identifies a peer incarnation or session; a message with another epoch is refused.
