@@ -2,6 +2,8 @@
 backbone. Built once, never rewritten after construction.
 
     run_dir = "/run/fmplex"            # default: see ipc.addresses.default_run_dir
+    state_dir = ""                     # deployment records; default {run_dir}/state (kept across
+                                       # daemon restarts; the systemd unit uses /var/lib/fmplex)
     heartbeat_ms = 200                 # task-plane heartbeat period, both directions
     liveness_ms = 800                  # a task unheard of this long is dead
     token_budget = 4096                # tokens per batch
@@ -39,6 +41,7 @@ class BackboneConfig:
 @dataclass(frozen=True, slots=True)
 class DaemonConfig:
     run_dir: str = field(default_factory=default_run_dir)
+    state_dir: str = ""
     heartbeat_ms: int = 200
     liveness_ms: int = 800
     token_budget: int = 4096

@@ -82,6 +82,7 @@ class Daemon:
                                     handle_plane.make_on_close(self))
         self.handles.start()
         self.supervisor = Supervisor(self)
+        self.supervisor.restore()
         loops = [asyncio.create_task(c) for c in (
             self.serve_tasks(), self.serve_control(), self.engine_loop(), self.housekeeping())]
         for t in loops:

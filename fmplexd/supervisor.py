@@ -1,15 +1,20 @@
 """Spawning and supervising task processes for deployed specs.
 
-deploy(spec) starts `python -m tasklets run SPEC` (as the spec's owner when the daemon is root),
+deploy(spec) starts `python -m tasklets task run SPEC` (as the spec's owner when the daemon is root),
 waits until the task has registered and committed (READY) and returns its name; a process that exits
 first fails the deploy with the error it printed. A deployed task that dies later is restarted with
 exponential backoff (0.1 s doubling to 5 s, reset after 30 s of health); a hung one (heartbeat lost
 while its process lives) is killed first. Children never inherit NOTIFY_SOCKET or WATCHDOG_*.
 Task processes started by someone else are accepted by the daemon and simply not supervised here.
+
+Deployments are recorded in the state directory ({state_dir}/deployed/NAME.json), so a restarted
+daemon (which stopped its children on the way down) deploys them again (`restore`); removing a task
+deletes its record.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -51,6 +56,8 @@ class Supervisor:
         self.children: dict[str, Child] = {}
         self.spec_dir = os.path.join(daemon.run_dir.path, "specs")
         self.log_dir = os.path.join(daemon.run_dir.path, "logs")
+        state = daemon.config.state_dir or os.path.join(daemon.run_dir.path, "state")
+        self.record_dir = os.path.join(state, "deployed")
 
     async def deploy(self, spec_text: str, spec_path: str, uid: int | None) -> str:
         from tasklets.spec import parse_spec
@@ -70,7 +77,37 @@ class Supervisor:
         except BaseException:
             self.forget(spec.name)
             raise
+        self._record(child)
         return spec.name
+
+    def restore(self) -> None:
+        """Deploy again what a previous daemon had deployed (in the background)."""
+        if not os.path.isdir(self.record_dir):
+            return
+        for name in sorted(os.listdir(self.record_dir)):
+            try:
+                with open(os.path.join(self.record_dir, name)) as f:
+                    rec = json.load(f)
+                with open(rec["spec_path"]) as f:
+                    text = f.read()
+            except (OSError, ValueError, KeyError) as e:
+                log.warning("cannot restore deployment %s: %s", name, e)
+                continue
+            asyncio.get_running_loop().create_task(self._restore_one(text, rec))
+
+    async def _restore_one(self, text: str, rec: dict) -> None:
+        try:
+            await self.deploy(text, rec["spec_path"], rec["uid"])
+            log.info("restored deployment %s", rec["name"])
+        except Exception as e:
+            log.warning("restoring %s failed: %s", rec["name"], e)
+
+    def _record(self, child: Child) -> None:
+        os.makedirs(self.record_dir, mode=0o700, exist_ok=True)
+        tmp = os.path.join(self.record_dir, f".{child.name}.tmp")
+        with open(tmp, "w") as f:
+            json.dump({"name": child.name, "spec_path": child.spec_path, "uid": child.owner_uid}, f)
+        os.replace(tmp, os.path.join(self.record_dir, f"{child.name}.json"))
 
     def ready(self, name: str) -> None:
         """The daemon saw the task commit (READY)."""
@@ -97,6 +134,10 @@ class Supervisor:
 
     def forget(self, name: str) -> None:
         """Stop supervising (operator removed the task): terminate, never restart."""
+        try:
+            os.unlink(os.path.join(self.record_dir, f"{name}.json"))
+        except FileNotFoundError:
+            pass
         child = self.children.pop(name, None)
         if child is not None:
             child.stopping = True

@@ -42,6 +42,8 @@ def _dispatch(d: "Daemon", env: transport.Envelope, msg, now: float) -> None:
     if isinstance(msg, Hello):
         _reply(d, env.identity, welcome(d, msg))
         return
+    if d.stopping and isinstance(msg, (Register, Submit)):
+        raise FmplexError(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
     if isinstance(msg, Register):
         entry = lifecycle.register(d, msg, env.peer_uid(), env.identity)
         info = d.engines[entry.config.backbone].backbone.info

@@ -9,6 +9,10 @@ task's own endpoint. Failures raise typed errors (ipc.errors): OverloadedError, 
 (also raised client-side when no reply comes within the timeout), TaskUnavailable /
 DaemonUnavailable (peer dead), UnknownTask, InvalidRequest, Unauthorized.
 `infer_many` pipelines several calls on one connection (batched calls).
+
+A call never hangs on a dead task: each task connection is watched by a ZeroMQ socket monitor, and
+a disconnect while calls are outstanding fails them at once with TaskUnavailable. The connection
+re-establishes itself when the task's process is restarted; later calls then succeed.
 """
 from __future__ import annotations
 
@@ -18,13 +22,23 @@ import time
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import recv_monitor_message
 
 from ipc import transport
 from ipc.addresses import RunDir, default_run_dir
-from ipc.errors import ErrorCode, ProtocolError, RequestTimeout, error_for
+from ipc.errors import ErrorCode, ProtocolError, RequestTimeout, TaskUnavailable, error_for
 from ipc.messages import Endpoint, Error, Infer, InferReply, Message, Resolve
 
 DEFAULT_TIMEOUT_S = 30.0
+WATCHED = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+
+
+def _disconnected(monitor: zmq.Socket) -> bool:
+    """Drain a monitor socket; True if a disconnect was among its events."""
+    seen = False
+    while monitor.poll(0):
+        seen |= recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED
+    return seen
 
 
 def _raise_if_error(reply: Message) -> Message:
@@ -39,7 +53,7 @@ class Client:
         self.timeout_s = timeout_s
         self.ctx = zmq.Context()
         self._control: zmq.Socket | None = None
-        self._tasks: dict[str, zmq.Socket] = {}
+        self._tasks: dict[str, tuple[zmq.Socket, zmq.Socket]] = {}     # task -> (socket, monitor)
         self._refs = itertools.count(1)
 
     def __enter__(self):
@@ -49,9 +63,12 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        for s in [self._control, *self._tasks.values()]:
-            if s is not None:
-                s.close(linger=0)
+        for sock, monitor in self._tasks.values():
+            sock.disable_monitor()
+            monitor.close(linger=0)
+            sock.close(linger=0)
+        if self._control is not None:
+            self._control.close(linger=0)
         self.ctx.term()
 
     def ref(self) -> int:
@@ -75,12 +92,16 @@ class Client:
         """Send every batch at once on the task's connection, then collect the replies in order.
         Raises the first error (typed) after all replies are in or the timeout passes."""
         timeout_s = timeout_s or self.timeout_s
-        sock = self._task_socket(task)
+        sock, monitor = self._task_socket(task)
         msgs = [Infer(ref=self.ref(), texts=list(b), pairs=list(pairs[i]) if pairs else None,
                       top_k=top_k, timeout_ms=int(timeout_s * 1000)) for i, b in enumerate(batches)]
+        _disconnected(monitor)                  # old events concern earlier calls
         for m in msgs:
             transport.send(sock, m)
-        replies = self._collect(sock, {m.ref for m in msgs}, timeout_s)
+        replies = self._collect(sock, {m.ref for m in msgs}, timeout_s, monitor=monitor)
+        if replies is None:
+            raise TaskUnavailable(ErrorCode.TASK_UNAVAILABLE,
+                                  f"task {task} went away with {len(msgs)} call(s) in flight")
         out = []
         for m in msgs:
             if m.ref not in replies:
@@ -88,12 +109,12 @@ class Client:
             out.append(_raise_if_error(replies[m.ref]))
         return out
 
-    def _task_socket(self, task: str) -> zmq.Socket:
-        sock = self._tasks.get(task)
-        if sock is None:
-            ep = self.endpoint(task)
-            sock = self._tasks[task] = transport.dealer(self.ctx, ep.address)
-        return sock
+    def _task_socket(self, task: str) -> tuple[zmq.Socket, zmq.Socket]:
+        conn = self._tasks.get(task)
+        if conn is None:
+            sock = transport.dealer(self.ctx, self.endpoint(task).address)
+            conn = self._tasks[task] = (sock, sock.get_monitor_socket(WATCHED))
+        return conn
 
     def _rpc(self, sock: zmq.Socket, msg: Message, timeout_s: float) -> Message:
         replies = self._collect(sock, {msg.ref}, timeout_s, send=msg)
@@ -102,18 +123,28 @@ class Client:
         return replies[msg.ref]
 
     @staticmethod
-    def _collect(sock: zmq.Socket, refs: set[int], timeout_s: float, send: Message | None = None):
+    def _collect(sock: zmq.Socket, refs: set[int], timeout_s: float, send: Message | None = None,
+                 monitor: zmq.Socket | None = None) -> dict[int, Message] | None:
+        """Replies by ref until all are in or time is up; None if the peer disconnected first."""
         if send is not None:
             transport.send(sock, send)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        if monitor is not None:
+            poller.register(monitor, zmq.POLLIN)
         deadline = time.monotonic() + timeout_s
         replies: dict[int, Message] = {}
         while len(replies) < len(refs):
             left = deadline - time.monotonic()
-            if left <= 0 or not sock.poll(max(1, int(left * 1000))):
+            events = dict(poller.poll(max(1, int(left * 1000)))) if left > 0 else {}
+            if not events:
                 break
-            reply = transport.recv_sync(sock, router_side=False).decode()
-            if getattr(reply, "ref", None) in refs:       # late replies of earlier calls are dropped
-                replies[reply.ref] = reply
+            if sock in events:
+                reply = transport.recv_sync(sock, router_side=False).decode()
+                if getattr(reply, "ref", None) in refs:   # late replies of earlier calls are dropped
+                    replies[reply.ref] = reply
+            elif monitor is not None and _disconnected(monitor):
+                return None
         return replies
 
 
@@ -124,8 +155,8 @@ class AsyncClient:
         self.run_dir = RunDir(run_dir or default_run_dir())
         self.timeout_s = timeout_s
         self.ctx = zmq.asyncio.Context()
-        self._socks: dict[str, tuple[zmq.asyncio.Socket, asyncio.Task]] = {}
-        self._pending: dict[int, asyncio.Future] = {}
+        self._socks: dict[str, tuple[zmq.asyncio.Socket, list[asyncio.Task]]] = {}
+        self._pending: dict[int, tuple[str, asyncio.Future]] = {}
         self._refs = itertools.count(1)
 
     async def __aenter__(self):
@@ -135,8 +166,10 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        for sock, reader in self._socks.values():
-            reader.cancel()
+        for sock, tasks in self._socks.values():
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             sock.close(linger=0)
         self._socks.clear()
         self.ctx.term()
@@ -149,20 +182,26 @@ class AsyncClient:
         timeout_s = timeout_s or self.timeout_s
         if task not in self._socks:
             ep = await self.control(Resolve(ref=next(self._refs), name=task))
-            self._open(task, ep.address)
+            self._open(task, ep.address, watch=True)
         msg = Infer(ref=next(self._refs), texts=list(texts), pairs=list(pairs) if pairs else None,
                     top_k=top_k, timeout_ms=int(timeout_s * 1000))
         return await self._call(task, None, msg, timeout_s)
 
-    def _open(self, key: str, address: str) -> zmq.asyncio.Socket:
+    def _open(self, key: str, address: str, watch: bool = False) -> zmq.asyncio.Socket:
+        if key in self._socks:                     # opened meanwhile by a concurrent call
+            return self._socks[key][0]
         sock = transport.dealer(self.ctx, address)
-        self._socks[key] = (sock, asyncio.get_running_loop().create_task(self._reader(sock)))
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(self._reader(sock))]
+        if watch:
+            tasks.append(loop.create_task(self._watch(key, sock.get_monitor_socket(WATCHED))))
+        self._socks[key] = (sock, tasks)
         return sock
 
     async def _call(self, key: str, address: str | None, msg: Message, timeout_s: float | None):
         sock = self._socks[key][0] if key in self._socks else self._open(key, address)
         fut = asyncio.get_running_loop().create_future()
-        self._pending[msg.ref] = fut
+        self._pending[msg.ref] = (key, fut)
         try:
             transport.send(sock, msg)
             reply = await asyncio.wait_for(fut, timeout_s or self.timeout_s)
@@ -180,6 +219,20 @@ class AsyncClient:
                 reply = env.decode()
             except ProtocolError:
                 continue
-            fut = self._pending.get(getattr(reply, "ref", -1))
+            _, fut = self._pending.get(getattr(reply, "ref", -1), (None, None))
             if fut is not None and not fut.done():
                 fut.set_result(reply)
+
+    async def _watch(self, key: str, monitor: zmq.asyncio.Socket) -> None:
+        """Fail the calls in flight on `key` when its peer disconnects (never a hang)."""
+        try:
+            while True:
+                event = await recv_monitor_message(monitor)
+                if event["event"] != zmq.EVENT_DISCONNECTED:
+                    continue
+                for k, fut in list(self._pending.values()):
+                    if k == key and not fut.done():
+                        fut.set_exception(TaskUnavailable(
+                            ErrorCode.TASK_UNAVAILABLE, f"task {key} went away"))
+        finally:
+            monitor.close(linger=0)

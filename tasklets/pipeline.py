@@ -20,6 +20,7 @@ from tokenizers import Tokenizer
 
 from ipc.errors import ErrorCode, FmplexError
 from ipc.messages import InferReply, LabelScore, TokenLabel
+from tasklets import faults
 from tasklets.spec import Pipeline, TaskSpec
 
 
@@ -47,6 +48,7 @@ class TaskPipeline:
         return self.spec.pipeline.output
 
     def encode(self, texts: list[str], pairs: list[str] | None = None) -> Encoded:
+        faults.check(texts)
         if self.spec.pipeline is Pipeline.SIMILARITY:
             if pairs is None or len(pairs) != len(texts):
                 raise FmplexError(ErrorCode.INVALID_INPUT,
