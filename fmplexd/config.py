@@ -14,7 +14,6 @@ backbone. Built once, never rewritten after construction.
     trust_root = true                  # uid 0 may act for any owner
     keep_slot_on_death = false
     drain_timeout_s = 10.0             # SIGTERM: time to finish in-flight work
-    tcp_host = ""                      # e.g. "127.0.0.1": tasks also bind tcp:// endpoints (CURVE)
 
     [[backbone]]
     name = "default"
@@ -51,7 +50,6 @@ class DaemonConfig:
     trust_root: bool = True
     keep_slot_on_death: bool = False
     drain_timeout_s: float = 10.0
-    tcp_host: str = ""
     backbones: tuple[BackboneConfig, ...] = (BackboneConfig(),)
 
     def __post_init__(self):
@@ -63,8 +61,8 @@ class DaemonConfig:
         for b in self.backbones:
             if b.dtype not in DTYPES:
                 raise ValueError(f"backbone {b.name}: dtype {b.dtype!r} not in {DTYPES}")
-        if self.heartbeat_ms <= 0 or self.liveness_ms <= self.heartbeat_ms:
-            raise ValueError("need 0 < heartbeat_ms < liveness_ms")
+        if not 0 < self.heartbeat_ms < self.liveness_ms <= 60_000:
+            raise ValueError("need 0 < heartbeat_ms < liveness_ms <= 60000")
         if self.token_budget < 1 or self.max_batch_requests < 1:
             raise ValueError("token_budget and max_batch_requests must be >= 1")
 

@@ -25,7 +25,7 @@ from fmplexd.backbone import Backbone, embedded_backbone_path, load_backbone
 from fmplexd.config import DaemonConfig
 from fmplexd.engine import Engine, Pending, release
 from fmplexd.registry import Registry, TaskEntry
-from ipc import transport
+from ipc import codec, transport
 from ipc.addresses import RunDir
 from ipc.errors import ErrorCode, FmplexError
 from ipc.handles import HandleServer
@@ -75,7 +75,7 @@ class Daemon:
         self.zap.start()
         self.tasks_sock = transport.router(self.ctx, self.run_dir.tasks, zap_domain=b"tasks")
         self.control_sock = transport.router(self.ctx, self.run_dir.control, zap_domain=b"control",
-                                             max_msg_bytes=4 << 20)
+                                             max_msg_bytes=2 * codec.MAX_HEADER_BYTES)
         for addr in (self.run_dir.tasks, self.run_dir.control):
             os.chmod(addr[len("ipc://"):], 0o666)
         self.handles = HandleServer(self.run_dir.handles, handle_plane.make_handler(self),

@@ -38,8 +38,6 @@ def make_handler(d: "Daemon"):
 
 def make_on_close(d: "Daemon"):
     def on_close(conn_id: int, creds: Credentials) -> None:
-        entry = d.registry.by_conn.pop(conn_id, None)
-        if entry is not None and entry.handle_conn == conn_id:
-            entry.handle_conn = None
+        for entry in d.registry.closed_conn(conn_id):
             lifecycle.task_died(d, entry, f"process {creds.pid} closed its handle-plane connection")
     return on_close

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING
 from fmplexd.registry import TaskEntry
 from fmplexd.slots import Slot, drained
 from ipc import transport
-from ipc.errors import ErrorCode, FmplexError
-from ipc.messages import Commit, Committed, Error, PrepareUpdate, Register, TaskState, UpdateReady
+from ipc.errors import ErrorCode, FmplexError, ProtocolError
+from ipc.messages import (PROTOCOL_VERSION, Commit, Committed, Error, PrepareUpdate, Register,
+                          TaskState, UpdateReady)
 
 if TYPE_CHECKING:
     from fmplexd.daemon import Daemon
@@ -30,6 +31,9 @@ def may_act_for(d: "Daemon", uid: int | None, owner_uid: int) -> bool:
 
 
 def register(d: "Daemon", msg: Register, uid: int | None, identity: bytes | None) -> TaskEntry:
+    if msg.proto != PROTOCOL_VERSION:
+        raise ProtocolError(ErrorCode.VERSION_MISMATCH, f"protocol {msg.proto} is not supported "
+                            f"(this daemon speaks {PROTOCOL_VERSION})")
     cfg = msg.task
     if not may_act_for(d, uid, cfg.owner_uid):
         raise FmplexError(ErrorCode.UNAUTHORIZED,
@@ -70,6 +74,9 @@ def register(d: "Daemon", msg: Register, uid: int | None, identity: bytes | None
 
 
 def prepare_update(d: "Daemon", entry: TaskEntry, msg: PrepareUpdate) -> UpdateReady:
+    if entry.pending_acks:
+        raise FmplexError(ErrorCode.INVALID_INPUT, "the previous commit is not acknowledged yet; "
+                          "wait for Committed before preparing the next update")
     info = d.engines[entry.config.backbone].backbone.info
     if entry.slot.fits(msg.extension, info):
         slot = entry.slot

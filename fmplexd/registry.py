@@ -78,7 +78,7 @@ class Registry:
         self.by_name: dict[str, TaskEntry] = {}
         self.by_session: dict[int, TaskEntry] = {}
         self.by_token: dict[bytes, tuple[TaskEntry, Slot]] = {}
-        self.by_conn: dict[int, TaskEntry] = {}
+        self.by_conn: dict[int, set[TaskEntry]] = {}     # one process may hold several sessions
 
     def add(self, entry: TaskEntry) -> None:
         self.by_name[entry.name] = entry
@@ -99,9 +99,7 @@ class Registry:
     def detach(self, entry: TaskEntry) -> None:
         """The entry's session ends: its epoch, connection and identity stop resolving."""
         self.by_session.pop(entry.session, None)
-        if entry.handle_conn is not None:
-            self.by_conn.pop(entry.handle_conn, None)
-        entry.handle_conn = None
+        self._unlink_conn(entry)
         entry.identity = None
 
     def remove(self, entry: TaskEntry) -> None:
@@ -109,7 +107,22 @@ class Registry:
         self.by_name.pop(entry.name, None)
 
     def attach_conn(self, entry: TaskEntry, conn_id: int) -> None:
-        if entry.handle_conn is not None:
-            self.by_conn.pop(entry.handle_conn, None)
+        self._unlink_conn(entry)
         entry.handle_conn = conn_id
-        self.by_conn[conn_id] = entry
+        self.by_conn.setdefault(conn_id, set()).add(entry)
+
+    def closed_conn(self, conn_id: int) -> list[TaskEntry]:
+        """Entries whose process held this handle-plane connection (it just closed)."""
+        entries = self.by_conn.pop(conn_id, set())
+        for e in entries:
+            e.handle_conn = None
+        return list(entries)
+
+    def _unlink_conn(self, entry: TaskEntry) -> None:
+        if entry.handle_conn is not None:
+            holders = self.by_conn.get(entry.handle_conn)
+            if holders is not None:
+                holders.discard(entry)
+                if not holders:
+                    del self.by_conn[entry.handle_conn]
+        entry.handle_conn = None

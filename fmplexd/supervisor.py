@@ -74,6 +74,10 @@ class Supervisor:
         await self._start(child)
         try:
             await asyncio.wait_for(asyncio.shield(child.ready), READY_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            self.forget(spec.name)
+            raise FmplexError(ErrorCode.TIMEOUT, f"task {spec.name} was not serving within "
+                              f"{READY_TIMEOUT_S:.0f}s (see {self.log_dir}/{spec.name}.log)") from None
         except BaseException:
             self.forget(spec.name)
             raise

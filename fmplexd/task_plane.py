@@ -35,7 +35,8 @@ def handle(d: "Daemon", env: transport.Envelope, now: float) -> None:
                                       epoch=getattr(msg, "epoch", 0)))
     except Exception as e:          # a daemon bug: answer it, log it, keep serving
         log.exception("task-plane handler failed on %s", msg.TYPE)
-        _reply(d, env.identity, Error(getattr(msg, "ref", 0), ErrorCode.INTERNAL, repr(e)[:500]))
+        _reply(d, env.identity, Error(getattr(msg, "ref", 0), ErrorCode.INTERNAL, repr(e)[:500],
+                                      epoch=getattr(msg, "epoch", 0)))
 
 
 def _dispatch(d: "Daemon", env: transport.Envelope, msg, now: float) -> None:

@@ -7,7 +7,7 @@
     {run_dir}/tenants/{uid}/{task}.sock   a task's client endpoint (ROUTER, ipc://)
 
 The run directory is FMPLEX_RUN_DIR if set, else /run/fmplex for root (systemd's RuntimeDirectory),
-else $XDG_RUNTIME_DIR/fmplex, else /tmp/fmplex-{uid}. ipc:// paths must stay under 107 bytes.
+else $XDG_RUNTIME_DIR/fmplex, else /tmp/fmplex-{uid}. ipc:// paths may be at most 107 bytes long.
 """
 from __future__ import annotations
 

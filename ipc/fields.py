@@ -224,8 +224,11 @@ class Tensor(Spec):
     numpy array of a wire dtype; a non-contiguous array is made contiguous (one copy).
     """
 
-    def __init__(self, dtypes: tuple[str, ...] = tuple(WIRE_DTYPES), max_ndim: int = MAX_TENSOR_NDIM):
-        self.dtypes, self.max_ndim = dtypes, max_ndim
+    def __init__(self, dtypes: tuple[str, ...] = tuple(WIRE_DTYPES), max_ndim: int = MAX_TENSOR_NDIM,
+                 ndim: int | None = None):
+        """ndim, when given, is the exact rank required (max_ndim then follows it)."""
+        self.dtypes, self.ndim = dtypes, ndim
+        self.max_ndim = ndim if ndim is not None else max_ndim
 
     def check(self, value, ctx):
         if type(value) is not dict or set(value) != {"dtype", "shape", "frame"}:
@@ -236,6 +239,8 @@ class Tensor(Spec):
         if type(shape) is not list or len(shape) > self.max_ndim or not all(
                 type(d) is int and 0 <= d < MAX_TENSOR_DIM for d in shape):
             raise _bad(f"bad shape {shape!r}")
+        if self.ndim is not None and len(shape) != self.ndim:
+            raise _bad(f"shape {shape!r} must have {self.ndim} dimension(s)")
         if type(frame) is not int or not 1 <= frame < len(ctx.frames) + 1 or frame in ctx.claimed:
             raise _bad(f"frame {frame!r} missing or already used", ErrorCode.BAD_FRAME)
         ctx.claimed.add(frame)

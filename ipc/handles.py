@@ -61,9 +61,11 @@ def recv_message(sock: socket.socket, allowed: frozenset[type] | None = None,
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
             raise ProtocolError(ErrorCode.TOO_LARGE, "datagram or fd list truncated")
         return codec.decode([data], allowed), fds
-    except BaseException:
+    except BaseException as e:
         for fd in fds:
             os.close(fd)
+        if isinstance(e, ProtocolError):
+            e.ref = codec.peek_ref([data])     # so the Error can still be correlated
         raise
 
 
@@ -116,7 +118,7 @@ class HandleServer:
             self.drop(conn_id)
             return
         except ProtocolError as e:
-            self._reply(conn_id, Error(0, e.code, e.message), [])
+            self._reply(conn_id, Error(getattr(e, "ref", 0), e.code, e.message), [])
             return
         if fds:
             for fd in fds:

@@ -288,6 +288,7 @@ class Heartbeat(Message):
 class Register(Message):
     TYPE: ClassVar[str] = "register"
     ref: Annotated[int, REF]
+    proto: Annotated[int, Int(0, 1 << 16)]        # must be PROTOCOL_VERSION
     task: Annotated[TaskConfig, Struct(TaskConfig)]
     extension: Annotated[ExtensionSpec, Struct(ExtensionSpec)]
     pid: Annotated[int, Int(0, 1 << 31)] = 0
@@ -313,8 +314,8 @@ class Submit(Message):
     ref: Annotated[int, REF]
     output: Annotated[Output, Enum(Output)]
     lengths: Annotated[list[int], ListOf(Int(1, MAX_SEQ_TOKENS), MAX_SEQUENCES, 1)]
-    ids: Annotated[np.ndarray, Tensor(("int32",), 1)]
-    type_ids: Annotated[np.ndarray | None, Optional(Tensor(("int8",), 1))] = None
+    ids: Annotated[np.ndarray, Tensor(("int32",), ndim=1)]
+    type_ids: Annotated[np.ndarray | None, Optional(Tensor(("int8",), ndim=1))] = None
     deadline_ms: Annotated[int, Int(0, 3_600_000)] = 0   # relative; 0 = the task's default
 
 
@@ -325,7 +326,7 @@ class Result(Message):
     ref: Annotated[int, REF]
     version: Annotated[int, Int(0)]               # extension version the batch used
     output: Annotated[Output, Enum(Output)]
-    data: Annotated[np.ndarray, Tensor(("float32", "float16"), 2)]
+    data: Annotated[np.ndarray, Tensor(("float32", "float16"), ndim=2)]
     queue_ms: Annotated[float, Float(0)] = 0.0
     run_ms: Annotated[float, Float(0)] = 0.0
 
@@ -487,6 +488,7 @@ class Infer(Message):
     pairs: Annotated[list[str] | None, Optional(ListOf(TEXT, MAX_SEQUENCES, 1))] = None
     top_k: Annotated[int, Int(0, MAX_LABELS)] = 0        # 0 = the task's default
     timeout_ms: Annotated[int, Int(0, 3_600_000)] = 0    # 0 = the task's default deadline
+    proto: Annotated[int, Int(0, 1 << 16)] = 0           # if given, must be PROTOCOL_VERSION
 
 
 @dataclass(frozen=True, slots=True)
@@ -499,7 +501,7 @@ class InferReply(Message):
     truncated: Annotated[list[bool], ListOf(Bool(), MAX_SEQUENCES)]
     labels: Annotated[list[list[LabelScore]] | None,
                       Optional(ListOf(ListOf(Struct(LabelScore), MAX_LABELS), MAX_SEQUENCES))] = None
-    embeddings: Annotated[np.ndarray | None, Optional(Tensor(("float32",), 2))] = None
+    embeddings: Annotated[np.ndarray | None, Optional(Tensor(("float32",), ndim=2))] = None
     similarity: Annotated[list[float] | None, Optional(ListOf(Float(), MAX_SEQUENCES))] = None
     tokens: Annotated[list[list[TokenLabel]] | None,
                       Optional(ListOf(ListOf(Struct(TokenLabel), MAX_SEQ_TOKENS), MAX_SEQUENCES))] = None

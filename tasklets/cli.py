@@ -164,5 +164,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fmplex: {e}", file=sys.stderr)
         return 1
     except OSError as e:
-        print(f"fmplex: {e}", file=sys.stderr)
+        print(f"fmplex: {e!r}", file=sys.stderr)
         return 2

@@ -27,7 +27,7 @@ from zmq.utils.monitor import recv_monitor_message
 from ipc import transport
 from ipc.addresses import RunDir, default_run_dir
 from ipc.errors import ErrorCode, ProtocolError, RequestTimeout, TaskUnavailable, error_for
-from ipc.messages import Endpoint, Error, Infer, InferReply, Message, Resolve
+from ipc.messages import PROTOCOL_VERSION, Endpoint, Error, Infer, InferReply, Message, Resolve
 
 DEFAULT_TIMEOUT_S = 30.0
 WATCHED = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
@@ -94,7 +94,8 @@ class Client:
         timeout_s = timeout_s or self.timeout_s
         sock, monitor = self._task_socket(task)
         msgs = [Infer(ref=self.ref(), texts=list(b), pairs=list(pairs[i]) if pairs else None,
-                      top_k=top_k, timeout_ms=int(timeout_s * 1000)) for i, b in enumerate(batches)]
+                      top_k=top_k, timeout_ms=int(timeout_s * 1000), proto=PROTOCOL_VERSION)
+                for i, b in enumerate(batches)]
         _disconnected(monitor)                  # old events concern earlier calls
         for m in msgs:
             transport.send(sock, m)
@@ -184,7 +185,7 @@ class AsyncClient:
             ep = await self.control(Resolve(ref=next(self._refs), name=task))
             self._open(task, ep.address, watch=True)
         msg = Infer(ref=next(self._refs), texts=list(texts), pairs=list(pairs) if pairs else None,
-                    top_k=top_k, timeout_ms=int(timeout_s * 1000))
+                    top_k=top_k, timeout_ms=int(timeout_s * 1000), proto=PROTOCOL_VERSION)
         return await self._call(task, None, msg, timeout_s)
 
     def _open(self, key: str, address: str, watch: bool = False) -> zmq.asyncio.Socket:

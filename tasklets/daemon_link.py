@@ -120,7 +120,7 @@ class DaemonLink:
     async def register(self, config: TaskConfig, spec: ExtensionSpec, tensors: dict[str, np.ndarray],
                        endpoint: str = "", tcp_endpoint: str = "", server_key: str = "") -> Session:
         reg: Registered = await self._request(Register(
-            ref=next(self._refs), task=config, extension=spec, pid=os.getpid(), endpoint=endpoint,
+            ref=next(self._refs), proto=PROTOCOL_VERSION, task=config, extension=spec, pid=os.getpid(), endpoint=endpoint,
             tcp_endpoint=tcp_endpoint, server_key=server_key))
         session = Session(reg.epoch, config, spec, reg.slot, self._map_slot(reg.slot))
         self.sessions[reg.epoch] = session

@@ -19,7 +19,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from ipc.errors import ErrorCode, FmplexError
-from ipc.messages import InferReply, LabelScore, TokenLabel
+from ipc.messages import MAX_SEQUENCES, InferReply, LabelScore, TokenLabel
 from tasklets import faults
 from tasklets.spec import Pipeline, TaskSpec
 
@@ -53,6 +53,9 @@ class TaskPipeline:
             if pairs is None or len(pairs) != len(texts):
                 raise FmplexError(ErrorCode.INVALID_INPUT,
                                   "sentence-similarity needs `pairs`, one per text")
+            if 2 * len(texts) > MAX_SEQUENCES:
+                raise FmplexError(ErrorCode.INVALID_INPUT,
+                                  f"at most {MAX_SEQUENCES // 2} pairs per request")
             texts = list(texts) + list(pairs)
         elif pairs is not None:
             raise FmplexError(ErrorCode.INVALID_INPUT, f"a {self.spec.pipeline.value} task takes no pairs")

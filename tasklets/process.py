@@ -23,8 +23,9 @@ from dataclasses import dataclass
 import zmq.asyncio
 
 from ipc.addresses import RunDir, default_run_dir
-from ipc.errors import TASK_EXIT_PREFIX, ErrorCode, FmplexError
-from ipc.messages import BackboneInfo, Command, Error, HeadInput, Infer, Ok, Op
+from ipc.errors import TASK_EXIT_PREFIX, ErrorCode, FmplexError, ProtocolError
+from ipc.messages import (PROTOCOL_VERSION, BackboneInfo, Command, Error, HeadInput, Infer, Ok,
+                          Op)
 from tasklets.adapters import Extension, build_extension, validate
 from tasklets.daemon_link import DaemonLink, DaemonLost, Session
 from tasklets.endpoint import ClientEndpoint
@@ -92,6 +93,9 @@ class TaskProcess:
     # -- serving ------------------------------------------------------------------------------
 
     async def infer(self, msg: Infer):
+        if msg.proto and msg.proto != PROTOCOL_VERSION:
+            raise ProtocolError(ErrorCode.VERSION_MISMATCH, f"protocol {msg.proto} is not supported "
+                                f"(this task speaks {PROTOCOL_VERSION})")
         variant = self.main
         if self.canary is not None and self._rng.random() * 100 < self.canary_percent:
             variant = self.canary
@@ -217,8 +221,8 @@ class TaskProcess:
             if v is not None and v.session is not None and not self.link.lost.is_set():
                 try:
                     await self.link.unregister(v.session)
-                except FmplexError:
-                    pass
+                except (FmplexError, TimeoutError):
+                    pass            # the daemon ends the session anyway when we disconnect
         await self.endpoint.close()
         await self.link.close()
 
@@ -234,4 +238,7 @@ def main(spec_path: str, run_dir: str | None = None) -> int:
         return 0
     except FmplexError as e:
         print(f"{TASK_EXIT_PREFIX}{e.code.value}: {e.message}", file=sys.stderr, flush=True)
+        return 2
+    except (OSError, ValueError) as e:       # e.g. a run directory too long for ipc:// paths
+        print(f"{TASK_EXIT_PREFIX}{ErrorCode.INVALID_INPUT.value}: {e}", file=sys.stderr, flush=True)
         return 2

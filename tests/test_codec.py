@@ -105,12 +105,12 @@ def valid_messages():
         ("welcome", Welcome(ref=3, proto=1, epoch=2**63 - 1, heartbeat_ms=500, backbones=[BACKBONE])),
         ("welcome-empty", Welcome(ref=3, proto=1, epoch=1, heartbeat_ms=1, backbones=[])),
         ("heartbeat", Heartbeat(epoch=99, seq=2**64 - 1)),
-        ("register", Register(ref=4, task=TaskConfig(name="sentiment", owner_uid=1000, weight=0.5,
+        ("register", Register(ref=4, proto=1, task=TaskConfig(name="sentiment", owner_uid=1000, weight=0.5,
                                                      queue_limit=64, deadline_ms=2000,
                                                      backbone="minilm"),
                               extension=FULL_EXT, pid=77, endpoint="ipc:///tmp/x.sock",
                               tcp_endpoint="tcp://0.0.0.0:7000", server_key="Z" * 40)),
-        ("register-defaults", Register(ref=4, task=TaskConfig(name="t", owner_uid=0),
+        ("register-defaults", Register(ref=4, proto=1, task=TaskConfig(name="t", owner_uid=0),
                                        extension=ExtensionSpec())),
         ("registered", Registered(ref=4, epoch=12345, slot=SLOT, backbone=BACKBONE, heartbeat_ms=250)),
         ("submit", Submit(epoch=1, ref=5, output=Output.TOKEN_LOGITS, lengths=[3, 5], ids=_ids(8),
@@ -153,7 +153,7 @@ def valid_messages():
         ("health-default", Health(ref=16)),
         ("health-reply", HealthReply(ref=16, live=True, ready=False, detail="loading")),
         ("infer", Infer(ref=17, texts=["héllo wörld", "✓ unicode"], pairs=["a", "b"], top_k=3,
-                        timeout_ms=100)),
+                        timeout_ms=100, proto=1)),
         ("infer-no-pairs", Infer(ref=17, texts=[""])),
         ("infer-reply-full", InferReply(
             ref=17, task="x@canary", version=2, truncated=[False, True],
@@ -391,7 +391,7 @@ def test_missing_required_field(field):
 
 
 def test_missing_field_in_nested_struct():
-    header = {"type": "register", "ref": 1, "task": {"owner_uid": 0}, "extension": {}}
+    header = {"type": "register", "ref": 1, "proto": 1, "task": {"owner_uid": 0}, "extension": {}}
     e = decode_err([pack(header)])
     assert e.code is ErrorCode.BAD_MESSAGE and "task.name" in e.message and "missing" in e.message
 
@@ -505,9 +505,9 @@ def test_bad_enum_value(header, path):
 
 
 @pytest.mark.parametrize("header,path", [
-    ({"type": "register", "ref": 1, "task": {"name": "has space", "owner_uid": 0},
+    ({"type": "register", "ref": 1, "proto": 1, "task": {"name": "has space", "owner_uid": 0},
       "extension": {}}, "task.name"),
-    ({"type": "register", "ref": 1, "task": {"name": "", "owner_uid": 0}, "extension": {}},
+    ({"type": "register", "ref": 1, "proto": 1, "task": {"name": "", "owner_uid": 0}, "extension": {}},
      "task.name"),
     ({"type": "resolve", "ref": 1, "name": "x" * 65}, "name"),
     ({"type": "resolve", "ref": 1, "name": "-leading-dash"}, "name"),
@@ -516,7 +516,7 @@ def test_bad_enum_value(header, path):
     (submit_header(lengths=[1] * 1025), "lengths"),
     (submit_header(lengths={"a": 1}), "lengths"),
     ({"type": "infer", "ref": 1, "texts": ["ok", 5]}, "texts[1]"),
-    ({"type": "register", "ref": 1, "task": [], "extension": {}}, "task"),
+    ({"type": "register", "ref": 1, "proto": 1, "task": [], "extension": {}}, "task"),
 ])
 def test_strings_lists_and_structs_out_of_spec(header, path):
     frames = [pack(header)] + ([IDS4] if header["type"] == "submit" else [])

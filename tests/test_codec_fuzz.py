@@ -65,7 +65,8 @@ def value_strategy(spec: Spec) -> st.SearchStrategy:
 @st.composite
 def tensor_strategy(draw, spec: Tensor):
     dtype = WIRE_DTYPES[draw(st.sampled_from(spec.dtypes))]
-    shape = draw(st.lists(st.integers(0, 4), min_size=0, max_size=spec.max_ndim))
+    rank = spec.ndim if spec.ndim is not None else draw(st.integers(0, spec.max_ndim))
+    shape = draw(st.lists(st.integers(0, 4), min_size=rank, max_size=rank))
     raw = draw(st.binary(min_size=dtype.itemsize * math.prod(shape),
                          max_size=dtype.itemsize * math.prod(shape)))
     return np.frombuffer(raw, dtype=dtype).reshape(shape)

@@ -8,7 +8,7 @@ from safetensors.numpy import save_file
 
 from ipc import aio
 from ipc.errors import ErrorCode, FmplexError, InvalidRequest, UnknownTask
-from ipc.messages import (ExtensionSpec, Health, Info, LoraEntry, ListTasks, Module, Output,
+from ipc.messages import (PROTOCOL_VERSION, ExtensionSpec, Health, Info, LoraEntry, ListTasks, Module, Output,
                           Register, RemoveTask, TaskConfig, TaskState)
 from tasklets.daemon_link import DaemonLink
 from ipc.addresses import RunDir
@@ -78,7 +78,7 @@ def test_control_register_and_remove(daemon):
     cfg = TaskConfig(name="ctl-registered", owner_uid=os.getuid())
     ext = ExtensionSpec(lora=[LoraEntry(layer=0, module=Module.QUERY, rank=4, scale=2.0)])
     with daemon.client() as c:
-        reg = c.control(Register(ref=c.ref(), task=cfg, extension=ext))
+        reg = c.control(Register(ref=c.ref(), proto=PROTOCOL_VERSION, task=cfg, extension=ext))
         assert reg.slot.entries[0].name == "lora.0.query.A" and reg.slot.entries[0].shape == [4, 32]
         names = {t.name: t.state for t in c.control(ListTasks(ref=c.ref())).tasks}
         assert names["ctl-registered"] is TaskState.WAITING

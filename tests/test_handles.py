@@ -223,7 +223,7 @@ def test_misbehaving_client_gets_errors_and_the_server_keeps_serving():
                                               "nfds": 0, "closed": True}
             assert steps["malformed"] == {"type": "error", "ref": 0, "code": "bad_frame", "nfds": 0}
             assert steps["oversized"] == {"type": "error", "ref": 0, "code": "too_large", "nfds": 0}
-            assert steps["unexpected"] == {"type": "error", "ref": 0, "code": "unexpected", "nfds": 0}
+            assert steps["unexpected"] == {"type": "error", "ref": 8, "code": "unexpected", "nfds": 0}
             assert steps["handler"] == {"type": "error", "ref": 9, "code": "unauthorized"}
             for step, ref in (("same-connection", 10), ("new-connection", 11)):
                 assert steps[step]["type"] == "regions_granted" and steps[step]["ref"] == ref
