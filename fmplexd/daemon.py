@@ -33,6 +33,7 @@ from ipc.messages import Error, Heartbeat, Message, Result, TaskState
 from ipc.zap import ZapRequest, ZapServer
 
 log = logging.getLogger("fmplexd")
+STALLED_FORWARD_S = 60.0      # a forward running longer than this is wedged
 
 
 class Daemon:
@@ -63,6 +64,7 @@ class Daemon:
         self.ctx = zmq.asyncio.Context()
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="fmplexd-forward")
         self.in_flight = 0
+        self.batch_started = 0.0
         self._next_ref = 1 << 40
 
     # -- set-up and shutdown ----------------------------------------------------------------
@@ -158,7 +160,7 @@ class Daemon:
                     continue
                 ran = True
                 self.in_flight += 1
-                t0 = time.monotonic()
+                t0 = self.batch_started = time.monotonic()
                 try:
                     outs = await loop.run_in_executor(self.pool, engine.executor.run, items)
                 except Exception as e:      # a bug in the forward must not stop the daemon
@@ -199,7 +201,8 @@ class Daemon:
                     if entry.identity is not None:
                         self.send_task(entry, Heartbeat(epoch=entry.session, seq=seq))
             control.expire_relays(self, now)
-            self.notify(watchdog=True)
+            if not self.in_flight or now - self.batch_started < STALLED_FORWARD_S:
+                self.notify(watchdog=True)      # a wedged forward stops the watchdog: restart us
 
     # -- replies ------------------------------------------------------------------------------
 

@@ -41,7 +41,7 @@ class Child:
     owner_uid: int
     proc: asyncio.subprocess.Process | None = None
     started: float = 0.0
-    backoff: float = BACKOFF_MIN_S
+    quick_deaths: int = 0          # consecutive deaths within HEALTHY_S of starting
     restarts: int = 0
     restart_times: list = field(default_factory=list)    # seconds from death to ready
     died_at: float | None = None
@@ -204,14 +204,22 @@ class Supervisor:
         if child.died_at is None:
             child.died_at = time.monotonic()
         up = time.monotonic() - child.started
-        child.backoff = BACKOFF_MIN_S if up > HEALTHY_S else min(child.backoff * 2, BACKOFF_MAX_S)
+        child.quick_deaths = 0 if up > HEALTHY_S else child.quick_deaths
+        child.quick_deaths += 1
+        delay = restart_delay(child.quick_deaths)
         log.warning("task %s exited with %s after %.1fs; restarting in %.1fs", child.name, code,
-                    up, child.backoff)
-        await asyncio.sleep(child.backoff)
+                    up, delay)
+        await asyncio.sleep(delay)
         if child.stopping or self.children.get(child.name) is not child:
             return
         child.restarts += 1
         await self._start(child)
+
+
+def restart_delay(quick_deaths: int) -> float:
+    """Delay before a restart after the n-th consecutive quick death (n >= 1): BACKOFF_MIN_S,
+    doubling each time, at most BACKOFF_MAX_S. A process that stayed up HEALTHY_S resets n to 1."""
+    return min(BACKOFF_MIN_S * 2 ** (quick_deaths - 1), BACKOFF_MAX_S)
 
 
 def _kill(proc: asyncio.subprocess.Process, sig: int) -> None:
