@@ -12,6 +12,7 @@ Rules:
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,8 @@ from ipc.messages import (PROTOCOL_VERSION, Commit, Committed, Error, PrepareUpd
 
 if TYPE_CHECKING:
     from fmplexd.daemon import Daemon
+
+log = logging.getLogger("fmplexd.lifecycle")
 
 
 def may_act_for(d: "Daemon", uid: int | None, owner_uid: int) -> bool:
@@ -63,6 +66,7 @@ def register(d: "Daemon", msg: Register, uid: int | None, identity: bytes | None
         entry.config, entry.spec, entry.slot = cfg, msg.extension, slot
         d.registry.new_session(entry, session)
         d.registry.add_slot(entry, slot)
+    log.info("task %s registered by pid %d (session %x)", cfg.name, msg.pid, session)
     entry.state = TaskState.WAITING
     entry.staged = (slot, msg.extension)
     entry.identity, entry.pid, entry.endpoint = identity, msg.pid, msg.endpoint
@@ -132,6 +136,8 @@ def ack_drained(d: "Daemon", entry: TaskEntry) -> None:
 def end_session(d: "Daemon", entry: TaskEntry, code: ErrorCode, reason: str,
                 state: TaskState) -> None:
     """Drop the session's queued work (telling the task when it can still hear), detach it."""
+    log.info("task %s (pid %d): session ends (%s) -> %s", entry.name, entry.pid, reason,
+             state.value)
     engine = d.engines[entry.config.backbone]
     if entry.session in engine.scheduler:
         stats = engine.scheduler.task_stats(entry.session)
@@ -151,6 +157,7 @@ def end_session(d: "Daemon", entry: TaskEntry, code: ErrorCode, reason: str,
 def task_died(d: "Daemon", entry: TaskEntry, reason: str) -> None:
     if entry.state in (TaskState.DEAD, TaskState.STOPPED):
         return
+    pid = entry.pid
     end_session(d, entry, ErrorCode.TASK_UNAVAILABLE, reason, TaskState.DEAD)
     if not d.config.keep_slot_on_death:
         if entry.staged is not None and entry.staged[0] is not entry.slot:
@@ -158,7 +165,7 @@ def task_died(d: "Daemon", entry: TaskEntry, reason: str) -> None:
         entry.staged = None
         _retire(d, entry.slot)
     if d.supervisor is not None:
-        d.supervisor.died(entry.name, reason)
+        d.supervisor.died(entry.name, reason, pid)
 
 
 def remove(d: "Daemon", entry: TaskEntry, reason: str) -> None:

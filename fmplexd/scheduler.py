@@ -21,20 +21,27 @@ goes to a task with minimal virtual time, and a task overshoots the next smalles
 of its requests.) Over a saturated run the served-token shares therefore converge to the weights.
 
 Deadlines: a request whose deadline has passed is removed by `expire` (also run at the start of
-`form_batch`) and returned to the caller, which answers it with a timeout; it is never executed.
+`form_batch`) and returned to the caller, in deadline order (ties in submission order), which answers
+it with a timeout; it is never executed. Requests are filed by deadline in buckets of
+1/DEADLINE_BUCKETS of the caller's time unit (a heap orders the buckets); a taken request stays in its
+bucket until the bucket comes due and is then skipped at the cost of one comparison, where a heap of
+requests would pay one pop (log of everything submitted within a deadline) per request served.
 Overload: `submit` to a full queue raises Overloaded at once.
 """
 from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Hashable
 
 from ipc.errors import ErrorCode, FmplexError
 
-QUEUED, TAKEN, EXPIRED, DROPPED = range(4)
+QUEUED, TAKEN, EXPIRED, DROPPED = range(4)       # QUEUED must stay 0: hot loops test `state`
+DEADLINE_BUCKETS = 1024                          # deadline buckets per unit of the caller's clock
+_INF = float("inf")
 
 
 class Overloaded(FmplexError):
@@ -79,7 +86,8 @@ class Scheduler:
         self.token_budget, self.max_requests = token_budget, max_requests
         self._tasks: dict[Hashable, _Task] = {}
         self._heap: list[tuple[float, int, _Task]] = []     # backlogged tasks by virtual time
-        self._deadlines: list[tuple[float, int, Request]] = []
+        self._buckets: dict[float, list[Request]] = {}     # deadline bucket -> its requests
+        self._bucket_keys: list[float] = []                 # heap of the keys of _buckets
         self._seq = itertools.count()
         self._vclock = 0.0                                  # virtual time of the last task served
         self.queued = 0
@@ -132,7 +140,15 @@ class Scheduler:
         task.queue.append(req)
         task.queued += 1
         self.queued += 1
-        heapq.heappush(self._deadlines, (req.deadline, next(self._seq), req))
+        key = req.deadline * DEADLINE_BUCKETS
+        if -_INF < key < _INF:
+            key = math.floor(key)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            self._buckets[key] = [req]
+            heapq.heappush(self._bucket_keys, key)
+        else:
+            bucket.append(req)
         if not task.in_heap:
             self._drop_idle_top()
             lift = self._heap[0][0] if self._heap else self._vclock
@@ -140,68 +156,105 @@ class Scheduler:
             self._push(task)
 
     def expire(self, now: float) -> list[Request]:
-        """Remove and return every queued request whose deadline is <= now."""
-        out = []
-        while self._deadlines and self._deadlines[0][0] <= now:
-            _, _, req = heapq.heappop(self._deadlines)
-            if req.state != QUEUED:
-                continue
-            req.state = EXPIRED
-            task = self._tasks.get(req.task)
-            if task is not None:
-                task.queued -= 1
-                task.expired += 1
-            self.queued -= 1
-            out.append(req)
+        """Remove and return every queued request whose deadline is <= now (earliest first)."""
+        out: list[Request] = []
+        keys, buckets = self._bucket_keys, self._buckets
+        while keys and keys[0] / DEADLINE_BUCKETS <= now:     # the bucket may hold deadlines <= now
+            key = keys[0]
+            due, keep = [], []
+            for req in buckets[key]:
+                if req.state == QUEUED:
+                    (due if req.deadline <= now else keep).append(req)
+            if keep:                       # the bucket `now` falls in: later buckets are all later
+                buckets[key] = keep
+            else:
+                heapq.heappop(keys)
+                del buckets[key]
+            due.sort(key=_deadline)        # stable: ties stay in submission order
+            for req in due:
+                req.state = EXPIRED
+                task = self._tasks.get(req.task)
+                if task is not None:
+                    task.queued -= 1
+                    task.expired += 1
+            self.queued -= len(due)
+            out += due
+            if keep:
+                break
         return out
 
     def next_deadline(self) -> float | None:
         """The earliest deadline among queued requests (for the caller's timer), or None."""
-        while self._deadlines and self._deadlines[0][2].state != QUEUED:
-            heapq.heappop(self._deadlines)
-        return self._deadlines[0][0] if self._deadlines else None
+        keys, buckets = self._bucket_keys, self._buckets
+        while keys:
+            live = [r for r in buckets[keys[0]] if r.state == QUEUED]
+            if live:
+                buckets[keys[0]] = live
+                return min(r.deadline for r in live)
+            del buckets[heapq.heappop(keys)]
+        return None
 
     def form_batch(self, now: float) -> Batch:
         """Expire, then fill one batch as described in the module docstring."""
         expired = self.expire(now)
         taken: list[Request] = []
-        budget, cap, heap = self.token_budget, self.max_requests, self._heap
-        while len(taken) < cap and heap:
+        take = taken.append
+        budget, cap, heap, seq = self.token_budget, self.max_requests, self._heap, self._seq
+        vclock, n_taken = self._vclock, 0
+        while n_taken < cap and heap:
             task = heap[0][2]
-            if not task.queued:                    # idle: only expired/dropped requests were left
+            queued = task.queued
+            if not queued:                         # idle: only expired/dropped requests were left
                 heapq.heappop(heap)
                 task.in_heap = False
                 continue
-            head = self._head(task)
-            if head.cost > budget and taken:
+            queue = task.queue
+            head = queue[0]
+            while head.state:                      # not QUEUED: expired or dropped, left lazily
+                queue.popleft()
+                head = queue[0]
+            if head.cost > budget and n_taken:
                 break
-            self._vclock = max(self._vclock, task.vtime)
+            vtime = task.vtime
+            if vtime > vclock:
+                vclock = vtime
             n = len(heap)                          # the runner-up is a child of the root
-            next_v = float("inf") if n == 1 else heap[1][0] if n == 2 else min(heap[1][0], heap[2][0])
-            queue, vtime, weight, count, tokens = task.queue, task.vtime, task.weight, 0, 0
+            if n > 2:
+                next_v, other = heap[1][0], heap[2][0]
+                if other < next_v:
+                    next_v = other
+            else:
+                next_v = heap[1][0] if n == 2 else _INF
+            weight, count, tokens = task.weight, 0, 0
             while True:                            # this task's consecutive requests
                 queue.popleft()
                 head.state = TAKEN
-                taken.append(head)
-                budget -= head.cost
-                tokens += head.cost
+                take(head)
+                cost = head.cost
+                budget -= cost
+                tokens += cost
                 count += 1
-                vtime += head.cost / weight
-                if vtime > next_v or len(taken) >= cap or count == task.queued:
+                vtime += cost / weight
+                if vtime > next_v or n_taken + count >= cap or count == queued:
                     break
-                head = self._head(task)
+                head = queue[0]
+                while head.state:
+                    queue.popleft()
+                    head = queue[0]
                 if head.cost > budget:
                     break
+            n_taken += count
             task.vtime = vtime
-            task.queued -= count
-            self.queued -= count
+            task.queued = queued = queued - count
             task.served_tokens += tokens
             task.served_requests += count
-            if task.queued:                        # one sift instead of pop + push
-                heapq.heapreplace(heap, (vtime, next(self._seq), task))
+            if queued:                             # one sift instead of pop + push
+                heapq.heapreplace(heap, (vtime, next(seq), task))
             else:
                 heapq.heappop(heap)
                 task.in_heap = False
+        self._vclock = vclock
+        self.queued -= n_taken
         return Batch(taken, expired, self.token_budget - budget)
 
     # -- internals -----------------------------------------------------------------------------
@@ -221,3 +274,7 @@ class Scheduler:
         while q and q[0].state != QUEUED:
             q.popleft()
         return q[0] if q else None
+
+
+def _deadline(req: Request) -> float:
+    return req.deadline

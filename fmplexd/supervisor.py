@@ -124,11 +124,12 @@ class Supervisor:
         if child.ready is not None and not child.ready.done():
             child.ready.set_result(True)
 
-    def died(self, name: str, reason: str) -> None:
-        """The daemon ended the task's session. A still-running (hung) child is killed so that the
-        watcher restarts it."""
+    def died(self, name: str, reason: str, pid: int) -> None:
+        """The daemon ended the session of the task's process `pid`. If that process still runs
+        (hung), it is killed so that the watcher restarts it. A notice about an earlier process
+        (the watcher may already have started the next one) kills nothing."""
         child = self.children.get(name)
-        if child is None or child.proc is None or child.stopping:
+        if child is None or child.proc is None or child.stopping or child.proc.pid != pid:
             return
         if child.died_at is None:
             child.died_at = time.monotonic()

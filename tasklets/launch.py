@@ -15,6 +15,7 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LIVE: list["DaemonProcess"] = []
 
 
 def short_tmpdir(prefix: str = "fmx-") -> str:
@@ -46,7 +47,8 @@ def pss_bytes(pid: int) -> int:
 
 
 class DaemonProcess:
-    """A real fmplexd subprocess in a private directory (config, run dir, log, notify socket)."""
+    """A real fmplexd subprocess in a private directory (config, run dir, log, notify socket).
+    Every instance is remembered in `LIVE` until cleaned up (tests print their logs on failure)."""
 
     def __init__(self, backbone: str = "embedded", config: str = "", env: dict | None = None,
                  workdir: str | None = None, threads: int = 0):
@@ -64,6 +66,16 @@ class DaemonProcess:
         self.log_path = os.path.join(self.dir, "fmplexd.log")
         self.proc: subprocess.Popen | None = None
         self.notices: list[bytes] = []
+        LIVE.append(self)
+
+    def logs(self, tail: int = 4000) -> str:
+        """The daemon's log and its supervised tasks' logs (last `tail` characters of each)."""
+        parts = [f"--- fmplexd log ({self.log_path})\n{self.log_text()[-tail:]}"]
+        log_dir = os.path.join(self.run_dir, "logs")
+        for name in sorted(os.listdir(log_dir)) if os.path.isdir(log_dir) else []:
+            with open(os.path.join(log_dir, name), errors="replace") as f:
+                parts.append(f"--- task log {name}\n{f.read()[-tail:]}")
+        return "\n".join(parts)
 
     def start(self, timeout_s: float = 120.0) -> "DaemonProcess":
         with open(self.log_path, "ab") as log:
@@ -94,10 +106,15 @@ class DaemonProcess:
         return Client(self.run_dir, timeout_s=timeout_s)
 
     def log_text(self) -> str:
-        with open(self.log_path, errors="replace") as f:
-            return f.read()
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
 
     def cleanup(self) -> None:
         self.stop()
         self.notify.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+        if self in LIVE:
+            LIVE.remove(self)

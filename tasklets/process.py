@@ -34,6 +34,7 @@ from tasklets.spec import TaskSpec, load_spec, parse_spec
 
 log = logging.getLogger("fmplex.task")
 RECONNECT_TIMEOUT_S = 3600.0
+RECONNECT_GRACE_S = 2.0          # a request waits this long for a reconnect before failing
 CANARY = "canary"
 
 
@@ -99,10 +100,16 @@ class TaskProcess:
         variant = self.main
         if self.canary is not None and self._rng.random() * 100 < self.canary_percent:
             variant = self.canary
-        session = variant.session
-        if session is None or self.link.lost.is_set():
-            raise FmplexError(ErrorCode.DAEMON_UNAVAILABLE, "reconnecting to the daemon")
         deadline_ms = msg.timeout_ms or variant.spec.deadline_ms
+        if not self.registered.is_set():         # reconnecting: wait a little, then say so
+            try:
+                await asyncio.wait_for(self.registered.wait(),
+                                       min(RECONNECT_GRACE_S, deadline_ms / 1e3))
+            except asyncio.TimeoutError:
+                raise FmplexError(ErrorCode.DAEMON_UNAVAILABLE, "reconnecting to the daemon") from None
+        session = variant.session
+        if session is None:                       # a canary dropped while we waited
+            variant, session = self.main, self.main.session
         enc = variant.pipeline.encode(msg.texts, msg.pairs)
         try:
             result = await asyncio.wait_for(

@@ -28,3 +28,15 @@ def tiny_bert(tmp_path_factory) -> str:
 def tiny_roberta(tmp_path_factory) -> str:
     from fmplexd.tiny import write_tiny
     return write_tiny(str(tmp_path_factory.mktemp("tiny-roberta")), "roberta", seed=1)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """When a test fails, attach the logs of every daemon (and its tasks) still alive to the report,
+    so a failure in CI explains itself."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        from tasklets.launch import LIVE
+        for daemon in LIVE:
+            report.sections.append((f"fmplexd logs {daemon.dir}", daemon.logs()))
