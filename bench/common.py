@@ -23,8 +23,10 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:                 # the repository's packages, also without an install
-    sys.path.insert(1, ROOT)
+# The repository's packages first (also without an install), and bench/ last: bench/ipc.py must
+# not shadow the `ipc` package for the other scripts here.
+sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or os.curdir) not in (ROOT, HERE)] \
+    + [HERE]
 
 
 def parser(doc: str) -> argparse.ArgumentParser:

@@ -1,8 +1,9 @@
-"""Write a tiny random-weight encoder checkpoint in Hugging Face format, for fast tests.
+"""Random fixtures for tests and benchmarks: tiny encoder checkpoints in Hugging Face format,
+PEFT-format LoRA adapter directories and head files.
 
     python -m fmplexd.tiny OUT_DIR [--family bert|roberta] [--hidden 32] [--layers 2] [--seed 0]
 
-Writes config.json, model.safetensors and, when the embedded backbone is installed, its
+A checkpoint is config.json, model.safetensors and, when the embedded backbone is installed, its
 tokenizer.json and vocab.txt (the vocabulary size then follows the tokenizer), so task processes can
 run on it. Weights are N(0, 0.02) like a fresh BERT; LayerNorm weights 1, biases 0.
 """
@@ -75,6 +76,37 @@ def write_tiny(out: str, family: str = "bert", hidden: int = 32, layers: int = 2
         json.dump(cfg, f, indent=2)
     save_file(tiny_weights(cfg, seed), os.path.join(out, "model.safetensors"))
     return out
+
+
+def write_random_head(path: str, labels: int, hidden: int, seed: int) -> str:
+    """A random linear head file (weight (labels, hidden), bias (labels,))."""
+    import numpy as np
+    from safetensors.numpy import save_file
+    rng = np.random.default_rng(seed)
+    save_file({"weight": rng.normal(0, 1, (labels, hidden)).astype(np.float32),
+               "bias": rng.normal(0, 0.1, labels).astype(np.float32)}, path)
+    return path
+
+
+def write_random_lora(path: str, rank: int, layers: list[int], hidden: int, seed: int,
+                      modules=("attention.self.query", "attention.self.value"),
+                      alpha: float = 16.0, std: float = 0.3) -> str:
+    """A random LoRA adapter directory in PEFT's on-disk format (square modules only)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+    rng = np.random.default_rng(seed)
+    os.makedirs(path, exist_ok=True)
+    tensors = {}
+    for layer in layers:
+        for m in modules:
+            key = f"base_model.model.encoder.layer.{layer}.{m}"
+            tensors[f"{key}.lora_A.weight"] = rng.normal(0, std, (rank, hidden)).astype(np.float32)
+            tensors[f"{key}.lora_B.weight"] = rng.normal(0, std, (hidden, rank)).astype(np.float32)
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "bias": "none",
+                   "target_modules": [m.split(".")[-1] for m in modules]}, f)
+    return path
 
 
 def main() -> None:

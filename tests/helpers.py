@@ -15,6 +15,7 @@ from fmplexd.slots import ExtensionView, Slot
 from ipc.messages import BackboneInfo
 from ipc.shm import MappedRegion
 from tasklets.adapters import Extension, validate
+from fmplexd.tiny import write_random_head, write_random_lora
 from tasklets.launch import REPO, DaemonProcess, short_tmpdir, wait_notify  # noqa: F401
 
 
@@ -95,35 +96,8 @@ def write_spec(directory: str, name: str, body: str) -> str:
     return path
 
 
-def write_head(path: str, labels: int, hidden: int, seed: int) -> str:
-    """A random linear head file (weight, bias)."""
-    import numpy as np
-    from safetensors.numpy import save_file
-    rng = np.random.default_rng(seed)
-    save_file({"weight": rng.normal(0, 1, (labels, hidden)).astype(np.float32),
-               "bias": rng.normal(0, 0.1, labels).astype(np.float32)}, path)
-    return path
-
-
-def write_lora(path: str, rank: int, layers: list[int], hidden: int, seed: int,
-               modules=("attention.self.query", "attention.self.value"), alpha: float = 16.0) -> str:
-    """A random LoRA adapter directory in PEFT's on-disk format (square modules only)."""
-    import json
-    import numpy as np
-    from safetensors.numpy import save_file
-    rng = np.random.default_rng(seed)
-    os.makedirs(path, exist_ok=True)
-    tensors = {}
-    for layer in layers:
-        for m in modules:
-            key = f"base_model.model.encoder.layer.{layer}.{m}"
-            tensors[f"{key}.lora_A.weight"] = rng.normal(0, 0.3, (rank, hidden)).astype(np.float32)
-            tensors[f"{key}.lora_B.weight"] = rng.normal(0, 0.3, (hidden, rank)).astype(np.float32)
-    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
-    with open(os.path.join(path, "adapter_config.json"), "w") as f:
-        json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "bias": "none",
-                   "target_modules": [m.split(".")[-1] for m in modules]}, f)
-    return path
+write_head = write_random_head
+write_lora = write_random_lora
 
 
 class Traffic:
