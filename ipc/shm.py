@@ -89,6 +89,26 @@ def _dtype_name(dtype: np.dtype) -> str:
     raise TypeError(f"unsupported dtype {dtype}")
 
 
+def to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounding to nearest even; NaN stays NaN."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = bits + (np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1)))
+    out = (rounded >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        out[nan] = 0x7FC0
+    return out
+
+
+def store(dst: np.ndarray, src: np.ndarray, dtype: str) -> None:
+    """Write `src` into a region view `dst` whose region dtype is `dtype` (bfloat16 views are raw
+    uint16, so values are converted to bfloat16 bits rather than cast to integers)."""
+    if dtype == "bfloat16":
+        dst[...] = to_bfloat16_bits(np.asarray(src, np.float32))
+    else:
+        dst[...] = src
+
+
 class MappedRegion:
     """A mapping of a region fd. Read-only unless writable=True (the slot owner's mapping)."""
 

@@ -31,7 +31,7 @@ from ipc.messages import (PROTOCOL_VERSION, Command, Commit, Committed, Error, E
                           Heartbeat, Hello, OpenRegions, Output, PrepareUpdate, Registered,
                           Register, RegionsGranted, Result, Role, SlotGrant, Submit, TaskConfig,
                           Unregister, UpdateReady, Welcome)
-from ipc.shm import MappedRegion
+from ipc.shm import MappedRegion, store
 
 log = logging.getLogger("fmplex.task")
 SESSION_MESSAGES = (Result, Committed, UpdateReady, Command, Heartbeat)   # carry a session epoch
@@ -172,7 +172,7 @@ class DaemonLink:
                                 tensors: dict[str, np.ndarray]) -> None:
         base = grant.half * grant.half_bytes
         for entry in grant.entries:
-            session.region.array(entry, base)[...] = tensors[entry.name]
+            store(session.region.array(entry, base), tensors[entry.name], entry.dtype)
         done: Committed = await self._request(Commit(epoch=session.epoch, ref=next(self._refs),
                                                      generation=grant.generation, half=grant.half))
         session.grant, session.spec, session.version = grant, spec, done.version

@@ -13,7 +13,7 @@ import time
 
 from fmplexd.slots import ExtensionView, Slot
 from ipc.messages import BackboneInfo
-from ipc.shm import MappedRegion
+from ipc.shm import MappedRegion, store
 from tasklets.adapters import Extension, validate
 from fmplexd.tiny import write_random_head, write_random_lora
 from tasklets.launch import REPO, DaemonProcess, short_tmpdir, wait_notify  # noqa: F401
@@ -26,7 +26,7 @@ def commit_extension(ext: Extension, info: BackboneInfo, name: str = "t") -> Ext
     writer = MappedRegion(slot.fd, slot.size, writable=True)
     base = slot.writable_half * slot.half_bytes
     for e in slot.entries:
-        writer.array(e, base)[...] = ext.tensors[e.name]
+        store(writer.array(e, base), ext.tensors[e.name], e.dtype)
     slot.commit(slot.writable_half)
     writer.close()
     return slot.active
