@@ -105,17 +105,12 @@ def killer(d: DaemonProcess, names: list[str], every: float, stop, kills: list, 
 
 
 def _time_restart(d: DaemonProcess, kill: dict, t0: float) -> None:
-    """Kill -> READY again: wait until the daemon lists another pid, then long-poll readiness."""
+    """Kill -> READY again with another pid (a Health long-poll, answered by the event)."""
     with d.client(timeout_s=60) as c:
-        while _pid(c, kill["task"]) == kill["pid"] and time.monotonic() - t0 < 30:
-            time.sleep(0.005)                  # measuring harness: until the death is noticed
-        h = c.control(Health(ref=c.ref(), name=kill["task"], wait_ms=30_000), timeout_s=40)
+        h = c.control(Health(ref=c.ref(), name=kill["task"], wait_ms=30_000, not_pid=kill["pid"]),
+                      timeout_s=40)
         if h.ready:
             kill["restart_s"] = time.monotonic() - t0
-
-
-def _pid(c, name: str) -> int:
-    return {t.name: t.pid for t in c.control(ListTasks(ref=c.ref())).tasks}.get(name, 0)
 
 
 def detection_times(log: str, kills: list) -> list[float]:

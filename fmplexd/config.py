@@ -6,7 +6,8 @@ backbone. Built once, never rewritten after construction.
                                        # daemon restarts; the systemd unit uses /var/lib/fmplex)
     heartbeat_ms = 200                 # task-plane heartbeat period, both directions
     liveness_ms = 800                  # a task unheard of this long is dead
-    token_budget = 4096                # tokens per batch
+    token_budget = 4096                # tokens per batch, at most
+    batch_target_ms = 50               # size batches to take about this long (0 = token_budget)
     max_batch_requests = 256
     max_request_tokens = 16384         # per Submit; larger ones are refused as oversized
     threads = 0                        # torch intra-op threads; 0 = cores - 1 (min 1), leaving a
@@ -44,6 +45,7 @@ class DaemonConfig:
     heartbeat_ms: int = 200
     liveness_ms: int = 800
     token_budget: int = 4096
+    batch_target_ms: int = 50
     max_batch_requests: int = 256
     max_request_tokens: int = 16384
     threads: int = 0

@@ -127,20 +127,22 @@ def health(d: "Daemon", msg: Health) -> HealthReply:
         return HealthReply(ref=msg.ref, live=False, ready=False, detail="unknown task")
     live = entry.state in (TaskState.READY, TaskState.WAITING) and (
         entry.identity is not None or entry.handle_conn is not None)
-    return HealthReply(ref=msg.ref, live=live, ready=live and entry.state is TaskState.READY,
-                       detail=entry.state.value)
+    ready = live and entry.state is TaskState.READY and (not msg.not_pid or entry.pid != msg.not_pid)
+    return HealthReply(ref=msg.ref, live=live, ready=ready, detail=entry.state.value)
 
 
 async def _await_ready(d: "Daemon", identity: bytes, msg: Health) -> None:
     """Long-poll: answer a Health request when its task becomes ready or wait_ms passes."""
-    fut = asyncio.get_running_loop().create_future()
-    d.ready_waiters.setdefault(msg.name, []).append(fut)
-    try:
-        await asyncio.wait_for(fut, msg.wait_ms / 1e3)
-    except asyncio.TimeoutError:
-        waiters = d.ready_waiters.get(msg.name, [])
-        if fut in waiters:
-            waiters.remove(fut)
+    deadline = time.monotonic() + msg.wait_ms / 1e3
+    while not health(d, msg).ready and (left := deadline - time.monotonic()) > 0:
+        fut = asyncio.get_running_loop().create_future()
+        d.ready_waiters.setdefault(msg.name, []).append(fut)
+        try:
+            await asyncio.wait_for(fut, left)
+        except asyncio.TimeoutError:
+            waiters = d.ready_waiters.get(msg.name, [])
+            if fut in waiters:
+                waiters.remove(fut)
     reply(d, identity, health(d, msg))
 
 

@@ -50,8 +50,12 @@ class Daemon:
             path = embedded_backbone_path() if b.path == "embedded" else b.path
             self.backbones[b.name] = load_backbone(b.name, path, b.dtype)
         self.engines = {name: Engine(bb, config.token_budget, config.max_batch_requests,
-                                     config.max_request_tokens)
+                                     config.max_request_tokens, config.batch_target_ms / 1e3)
                         for name, bb in self.backbones.items()}
+        for name, engine in self.engines.items():
+            engine.warm_up()
+            log.info("backbone %s: %.0f tokens/s at start, batch budget %d tokens", name,
+                     engine.tokens_per_s, engine.scheduler.token_budget)
         self.registry = Registry()
         self.liveness = transport.Liveness(config.liveness_ms / 1e3)
         self.relays: dict[int, tuple] = {}   # command ref -> (operator, its ref, sent at, task)
@@ -153,7 +157,7 @@ class Daemon:
         while True:
             ran = False
             for engine in self.engines.values():
-                batch = engine.scheduler.form_batch(time.monotonic())
+                batch = engine.scheduler.form_batch(time.monotonic(), engine.horizon())
                 self.answer_expired(batch.expired)
                 items, pendings = engine.work(batch)
                 if not items:
@@ -169,7 +173,9 @@ class Daemon:
                 finally:
                     self.in_flight -= 1
                     release(pendings)
-                self.deliver(pendings, outs, t0, time.monotonic())
+                t1 = time.monotonic()
+                engine.observe(batch.tokens, t1 - t0)
+                self.deliver(pendings, outs, t0, t1)
                 lifecycle.ack_drained_commits(self)
             if not ran:
                 self.wake.clear()

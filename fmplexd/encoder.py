@@ -73,12 +73,15 @@ class Encoder:
         return F.layer_norm(x, (self.cfg.hidden,), w["embeddings.LayerNorm.weight"],
                             w["embeddings.LayerNorm.bias"], self.cfg.eps)
 
-    def linear(self, x: torch.Tensor, layer: int, module: Module, batch: PackedInput) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, layer: int, module: Module, batch: PackedInput,
+               owned: bool = False) -> torch.Tensor:
+        """One (extended) linear layer. `owned`: x is a temporary of this layer only, so input
+        scaling may happen in place instead of copying the whole (T, in) tensor."""
         name = f"encoder.layer.{layer}.{HF_MODULES[module]}"
         ext = batch.ext.get((layer, module))
         if ext is None:
             return F.linear(x, self.w[name + ".weight"], self.w[name + ".bias"])
-        x = segmented_scale(x, ext.scale_in)
+        x = (segmented_scale_ if owned else segmented_scale)(x, ext.scale_in)
         y = F.linear(x, self.w[name + ".weight"], self.w[name + ".bias"])
         segmented_lora(y, x, ext.lora)
         return segmented_scale_(y, ext.scale_out)
@@ -90,11 +93,11 @@ class Encoder:
         k = self.linear(x, i, Module.KEY, batch)
         v = self.linear(x, i, Module.VALUE, batch)
         ctx = varlen_attention(q, k, v, batch.plan, cfg.heads)                    # (T, H)
-        a = self.linear(ctx, i, Module.ATTN_OUT, batch)
+        a = self.linear(ctx, i, Module.ATTN_OUT, batch, owned=True)
         x = F.layer_norm(a + x, (cfg.hidden,), w[p + "attention.output.LayerNorm.weight"],
                          w[p + "attention.output.LayerNorm.bias"], cfg.eps)
         h = self.act(self.linear(x, i, Module.FFN_IN, batch))                    # (T, I)
-        o = self.linear(h, i, Module.FFN_OUT, batch)                              # (T, H)
+        o = self.linear(h, i, Module.FFN_OUT, batch, owned=True)                  # (T, H)
         return F.layer_norm(o + x, (cfg.hidden,), w[p + "output.LayerNorm.weight"],
                             w[p + "output.LayerNorm.bias"], cfg.eps)
 

@@ -5,6 +5,7 @@ The engine owns no sockets: the daemon's loop feeds it arrivals and sends what i
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +17,7 @@ from fmplexd.registry import TaskEntry
 from fmplexd.scheduler import Batch, Request, Scheduler
 from fmplexd.slots import ExtensionView
 from ipc.errors import ErrorCode, FmplexError
-from ipc.messages import HeadInput, Output, Submit, TaskState
+from ipc.messages import ExtensionSpec, HeadInput, Output, Submit, TaskState
 
 
 @dataclass(slots=True, eq=False)
@@ -31,12 +32,50 @@ class Pending:
 
 
 class Engine:
+    """Batches are sized to take about `batch_target_s` (0 = always the fixed `token_budget`):
+    the budget follows the measured throughput (an EWMA of tokens/s over batches that filled at
+    least half their budget), between MIN_BUDGET and `token_budget`. A forward cannot be
+    interrupted, so the batch time bounds how long a newly arrived request of a quiet task waits
+    behind a busy neighbour; on a GPU the measured throughput makes the same target allow large
+    batches."""
+
+    MIN_BUDGET = 32
+
     def __init__(self, backbone: Backbone, token_budget: int, max_requests: int,
-                 max_request_tokens: int):
+                 max_request_tokens: int, batch_target_s: float = 0.0):
         self.backbone = backbone
         self.scheduler = Scheduler(token_budget, max_requests)
         self.executor = Executor(Encoder(backbone.config, backbone.weights))
         self.max_request_tokens = max_request_tokens
+        self.max_budget, self.batch_target_s = token_budget, batch_target_s
+        self.tokens_per_s = 0.0
+
+    def warm_up(self, tokens: int = 256) -> None:
+        """One throw-away forward (first calls are slow) that also calibrates the budget."""
+        view = ExtensionView(0, ExtensionSpec(), [], [], None, None)
+        n = max(1, tokens // 32)
+        item = WorkItem(view, Output.POOLED, np.full(32 * n, 1000, np.int32), [32] * n)
+        self.executor.run([item])
+        t0 = time.perf_counter()
+        self.executor.run([item])
+        self.tokens_per_s = 32 * n / max(time.perf_counter() - t0, 1e-6)
+        self._set_budget()
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        """A batch of `tokens` took `seconds`: update the throughput estimate and the budget."""
+        if seconds > 0 and tokens >= self.scheduler.token_budget // 2:
+            rate = tokens / seconds
+            self.tokens_per_s = rate if not self.tokens_per_s else 0.8 * self.tokens_per_s + 0.2 * rate
+            self._set_budget()
+
+    def horizon(self) -> float:
+        """Expected duration of the next full batch (for deadline checks)."""
+        return self.scheduler.token_budget / self.tokens_per_s if self.tokens_per_s else 0.0
+
+    def _set_budget(self) -> None:
+        if self.batch_target_s and self.tokens_per_s:
+            budget = int(self.tokens_per_s * self.batch_target_s)
+            self.scheduler.token_budget = max(self.MIN_BUDGET, min(self.max_budget, budget))
 
     def admit(self, entry: TaskEntry, identity: bytes, msg: Submit, now: float) -> None:
         """Validate and queue a Submit; raises FmplexError (invalid input, oversized, overloaded)."""

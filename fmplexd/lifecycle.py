@@ -61,6 +61,7 @@ def register(d: "Daemon", msg: Register, uid: int | None, identity: bytes | None
         d.registry.add(entry)
     else:
         end_session(d, entry, ErrorCode.TASK_UNAVAILABLE, "task re-registered", TaskState.WAITING)
+        _retire_staged(d, entry)
         _retire(d, entry.slot)
         entry.restarts += 1
         entry.config, entry.spec, entry.slot = cfg, msg.extension, slot
@@ -160,9 +161,7 @@ def task_died(d: "Daemon", entry: TaskEntry, reason: str) -> None:
     pid = entry.pid
     end_session(d, entry, ErrorCode.TASK_UNAVAILABLE, reason, TaskState.DEAD)
     if not d.config.keep_slot_on_death:
-        if entry.staged is not None and entry.staged[0] is not entry.slot:
-            _retire(d, entry.staged[0])
-        entry.staged = None
+        _retire_staged(d, entry)
         _retire(d, entry.slot)
     if d.supervisor is not None:
         d.supervisor.died(entry.name, reason, pid)
@@ -170,6 +169,7 @@ def task_died(d: "Daemon", entry: TaskEntry, reason: str) -> None:
 
 def remove(d: "Daemon", entry: TaskEntry, reason: str) -> None:
     end_session(d, entry, ErrorCode.UNKNOWN_TASK, reason, TaskState.STOPPED)
+    _retire_staged(d, entry)
     _retire(d, entry.slot)
     d.registry.remove(entry)
 
@@ -177,6 +177,14 @@ def remove(d: "Daemon", entry: TaskEntry, reason: str) -> None:
 def _retire(d: "Daemon", slot: Slot) -> None:
     d.registry.drop_slot(slot)
     slot.close()
+
+
+def _retire_staged(d: "Daemon", entry: TaskEntry) -> None:
+    """Forget an uncommitted update: a new-layout slot staged by PrepareUpdate is freed (its fd and
+    mapping), else it would outlive the session (found by tests/test_socket_fuzz.py)."""
+    if entry.staged is not None and entry.staged[0] is not entry.slot:
+        _retire(d, entry.staged[0])
+    entry.staged = None
 
 
 def _ensure_tenant_dir(d: "Daemon", uid: int) -> None:
@@ -195,8 +203,8 @@ def _alive(entry: TaskEntry) -> bool:
     if entry.pid:
         try:
             os.kill(entry.pid, 0)
-        except ProcessLookupError:
-            return False
+        except (ProcessLookupError, OverflowError):   # OverflowError: a pid (up to 2^31 on the
+            return False                               # wire) that no process can have
         except PermissionError:
             return True
     return True

@@ -194,9 +194,11 @@ class Scheduler:
             del buckets[heapq.heappop(keys)]
         return None
 
-    def form_batch(self, now: float) -> Batch:
-        """Expire, then fill one batch as described in the module docstring."""
-        expired = self.expire(now)
+    def form_batch(self, now: float, horizon: float = 0.0) -> Batch:
+        """Expire, then fill one batch as described in the module docstring. `horizon` is how
+        long the batch will take: a request whose deadline falls before now + horizon could only
+        finish late, so it is expired (answered with a timeout) rather than run."""
+        expired = self.expire(now + horizon)
         taken: list[Request] = []
         take = taken.append
         budget, cap, heap, seq = self.token_budget, self.max_requests, self._heap, self._seq

@@ -467,6 +467,7 @@ class Health(Message):
     ref: Annotated[int, REF]
     name: Annotated[str, Str(80)] = ""            # "" = the daemon itself
     wait_ms: Annotated[int, Int(0, 600_000)] = 0  # a task not ready: answer when it is, or then
+    not_pid: Annotated[int, Int(0, 1 << 31)] = 0  # count as ready only with another pid (restarts)
 
 
 @dataclass(frozen=True, slots=True)

@@ -138,8 +138,15 @@ def _envelope(frames: list, router_side: bool) -> Envelope:
 
 async def recv(sock: zmq.asyncio.Socket, router_side: bool) -> Envelope:
     """Receive one multipart message (zero-copy frames). Decoding is the caller's next step, so a
-    malformed message can still be answered to its sender."""
-    return _envelope(await sock.recv_multipart(copy=False), router_side)
+    malformed message can still be answered to its sender.
+
+    With a backlog, pyzmq hands back an already-finished future, and awaiting it does not yield:
+    a receive loop would then starve every other coroutine (heartbeats, timers) until the socket
+    runs dry. So a receive that completed at once yields to the loop first."""
+    fut = sock.recv_multipart(copy=False)
+    if fut.done():
+        await asyncio.sleep(0)
+    return _envelope(await fut, router_side)
 
 
 def recv_sync(sock: zmq.Socket, router_side: bool) -> Envelope:

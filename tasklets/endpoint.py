@@ -4,6 +4,8 @@ tcp://, only the client public keys listed in the spec.
 
 Guarantee: every Infer that decodes gets exactly one reply, an InferReply or an Error, whatever the
 handler does (exceptions become INTERNAL errors); a message that does not decode gets an Error.
+Admission: beyond `max_in_flight` concurrent requests, an Infer is answered `overloaded` at once,
+before any tokenizing, so a flood costs the host as little as possible.
 """
 from __future__ import annotations
 
@@ -28,8 +30,9 @@ Handler = Callable[[Infer], Awaitable[Message]]
 
 class ClientEndpoint:
     def __init__(self, ctx: zmq.asyncio.Context, address: str, owner_uid: int, handler: Handler,
-                 tcp: str = "", authorized_keys: tuple[str, ...] = ()):
+                 tcp: str = "", authorized_keys: tuple[str, ...] = (), max_in_flight: int = 512):
         self.ctx, self.address, self.owner_uid, self.handler = ctx, address, owner_uid, handler
+        self.max_in_flight = max_in_flight
         self.tcp, self.authorized = tcp, {z85.decode(k) for k in authorized_keys}
         public, self._secret = zmq.curve_keypair() if tcp else (b"", b"")
         self.public_key = public.decode()
@@ -70,12 +73,16 @@ class ClientEndpoint:
             except ProtocolError as e:
                 self._send(sock, env.identity, Error(codec.peek_ref(env.frames), e.code, e.message))
                 continue
+            if self.in_flight >= self.max_in_flight:
+                self._send(sock, env.identity, Error(msg.ref, ErrorCode.OVERLOADED,
+                                                     f"{self.in_flight} requests in flight"))
+                continue
+            self.in_flight += 1            # counted from acceptance, so the bound holds at once
             task = loop.create_task(self._answer(sock, env.identity, msg))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
     async def _answer(self, sock, identity: bytes, msg: Infer) -> None:
-        self.in_flight += 1
         try:
             reply = await self.handler(msg)
         except FmplexError as e:

@@ -80,7 +80,8 @@ class TaskProcess:
         self.link = await self._connect(timeout_s=30.0)
         self.main = self._variant(self.spec.name, self.spec, self.link.welcome)
         self.endpoint = ClientEndpoint(zmq.asyncio.Context(), self.address, self.spec.owner_uid,
-                                       self.infer, self.spec.tcp, self.spec.authorized_keys)
+                                       self.infer, self.spec.tcp, self.spec.authorized_keys,
+                                       max_in_flight=max(16, 2 * self.spec.queue_limit))
         await self._register(self.main)
         self.registered.set()
         self.endpoint.start()

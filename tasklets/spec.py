@@ -6,7 +6,8 @@
     backbone = "default"
     owner = "alice"                      # user name or numeric uid; default: the current user
     weight = 1.0                         # fair-share weight
-    queue_limit = 256                    # requests queued in the daemon before "overloaded"
+    queue_limit = 256                    # requests queued in the daemon before "overloaded"; the
+                                         # task itself accepts at most 2x this many at once
     deadline_ms = 10000                  # default per-request deadline
     labels = ["negative", "positive"]    # classification pipelines: one per head output
     pooling = "mean"                     # cls | mean (default: mean)

@@ -35,8 +35,9 @@ def stats(c, name):
     return {t.name: t for t in c.control(ListTasks(ref=c.ref())).tasks}[name]
 
 
-def wait_ready(c, name, timeout_s=30.0):
-    h = c.control(Health(ref=c.ref(), name=name, wait_ms=int(timeout_s * 1000)),
+def wait_ready(c, name, timeout_s=30.0, not_pid=0):
+    """Long-poll until the task serves (with a pid other than `not_pid`: restarted)."""
+    h = c.control(Health(ref=c.ref(), name=name, wait_ms=int(timeout_s * 1000), not_pid=not_pid),
                   timeout_s=timeout_s + 5)
     assert h.ready, h.detail
 
@@ -45,7 +46,7 @@ def reference(c):
     return c.infer("bystander", ["the bystander's own input"]).embeddings
 
 
-def check_isolated(d, c, fault_input, expect_error):
+def check_isolated(d, c, fault_input, expect_error, restarted=True):
     """Trigger a fault in `victim` while `bystander` serves under traffic."""
     before = stats(c, "victim")
     want = reference(c)
@@ -54,7 +55,7 @@ def check_isolated(d, c, fault_input, expect_error):
         with pytest.raises(expect_error):
             c.infer("victim", [fault_input], timeout_s=20)
         failed_after = time.monotonic() - t0
-        wait_ready(c, "victim")
+        wait_ready(c, "victim", not_pid=before.pid if restarted else 0)
     assert not traffic.failed["bystander"] and traffic.ok["bystander"]
     assert np.allclose(reference(c), want, atol=1e-5)          # its outputs stay correct
     after = stats(c, "victim")
@@ -64,7 +65,7 @@ def check_isolated(d, c, fault_input, expect_error):
 
 def test_pipeline_exception_is_a_typed_error_and_the_task_lives_on(env):
     with env.client() as c:
-        before, after, _ = check_isolated(env, c, "RAISE", FmplexError)
+        before, after, _ = check_isolated(env, c, "RAISE", FmplexError, restarted=False)
         assert after.restarts == before.restarts and after.pid == before.pid
         with pytest.raises(FmplexError) as e:
             c.infer("victim", ["RAISE"])
@@ -83,11 +84,7 @@ def test_kill_9_is_noticed_and_restarted(env):
     with env.client() as c:
         victim = stats(c, "victim")
         os.kill(victim.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while stats(c, "victim").pid == victim.pid and time.monotonic() < deadline:
-            wait_ready(c, "victim")               # returns at once while the old pid is listed
-            c.control(Health(ref=c.ref(), name="victim", wait_ms=100), timeout_s=5)
-        wait_ready(c, "victim")
+        wait_ready(c, "victim", not_pid=victim.pid)
         after = stats(c, "victim")
     assert after.restarts == victim.restarts + 1 and after.state is TaskState.READY
     assert after.pid != victim.pid
