@@ -104,8 +104,12 @@ def decode(frames: list, allowed: frozenset[type] | None = None) -> Message:
 def peek_ref(frames: list) -> int:
     """The `ref` of a message that failed to decode, so its Error can be correlated; 0 if none."""
     try:
+        # The limits decode() itself used: a header that is a map with a valid ref gets its ref
+        # back (docs/protocol.md §5.5), also when it failed on a list longer than its schema allows.
         obj = msgpack.unpackb(_buffer(frames[0]), raw=False, ext_hook=_refuse_ext,
-                              max_array_len=1024, max_map_len=1024)
+                              max_str_len=MAX_HEADER_BYTES, max_bin_len=MAX_HEADER_BYTES,
+                              max_array_len=MAX_CONTAINER_LEN, max_map_len=MAX_CONTAINER_LEN,
+                              max_ext_len=0)
         ref = obj.get("ref") if type(obj) is dict else None
         return ref if type(ref) is int and 0 <= ref < 1 << 64 else 0
     except Exception:

@@ -1,0 +1,64 @@
+"""Standard task processes are lean: they never import torch (DESIGN.md: "Standard tasks import no
+torch, so hundreds fit on a host"). Checked on real serving task processes (their memory maps) and
+on a fresh interpreter that imports every module a task process uses (sys.modules)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO, Daemon, TaskProc, short_tmpdir, write_head, write_lora, write_spec
+
+HIDDEN = 32
+TASK_MODULES = ("tasklets.process", "tasklets.pipeline", "tasklets.client", "tasklets.daemon_link",
+                "tasklets.endpoint", "tasklets.adapters", "tasklets.spec", "tasklets.cli",
+                "tasklets.render", "tasklets.faults", "tasklets.launch", "ipc.aio", "ipc.zap")
+
+
+@pytest.fixture(scope="module")
+def tasks(tiny_bert):
+    d = Daemon(tiny_bert, config="liveness_ms = 5000").start()
+    specs = short_tmpdir("fmx-lean-")
+    write_head(os.path.join(specs, "head.safetensors"), 3, HIDDEN, seed=1)
+    write_lora(os.path.join(specs, "lora"), 4, [0, 1], HIDDEN, seed=2)
+    emb = write_spec(specs, "lean-emb", 'pipeline = "text-embedding"\n[extension]\nadapter = "lora"')
+    cls = write_spec(specs, "lean-cls", 'pipeline = "text-classification"\nlabels = ["a", "b", "c"]\n'
+                                        '[extension]\nadapter = "lora"\nhead = "head.safetensors"')
+    procs = []
+    try:
+        procs = [TaskProc(p, d.run_dir).start() for p in (emb, cls)]
+        yield d, {"lean-emb": procs[0], "lean-cls": procs[1]}
+    finally:
+        for p in procs:
+            p.stop()
+        d.cleanup()
+
+
+def mapped_files(pid: int) -> set[str]:
+    with open(f"/proc/{pid}/maps") as f:
+        return {parts[5] for parts in (line.split(maxsplit=5) for line in f) if len(parts) == 6}
+
+
+def test_serving_task_processes_map_no_torch(tasks):
+    d, procs = tasks
+    with d.client() as c:                     # serve first: every lazy path has run
+        assert c.infer("lean-emb", ["hello", "world"]).embeddings.shape == (2, HIDDEN)
+        assert len(c.infer("lean-cls", ["is it lean"], top_k=3).labels[0]) == 3
+    daemon_maps = mapped_files(d.proc.pid)
+    assert any("libtorch" in p for p in daemon_maps)        # the check can see torch at all
+    for name, p in procs.items():
+        files = mapped_files(p.proc.pid)
+        torch_files = sorted(f for f in files if "libtorch" in f or "/torch/" in f)
+        assert not torch_files, (name, torch_files[:5])
+        assert any("tokenizers" in f for f in files)          # it did load its native parts
+
+
+def test_task_modules_do_not_import_torch():
+    code = ("import importlib, sys\n"
+            f"for m in {TASK_MODULES!r}:\n"
+            "    importlib.import_module(m)\n"
+            "print('torch' in sys.modules, sorted(k for k in sys.modules if k.startswith('torch'))[:5])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": REPO})
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    assert out.stdout.decode().strip() == "False []"
