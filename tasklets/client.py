@@ -175,6 +175,10 @@ class AsyncClient:
         self._socks.clear()
         self.ctx.term()
 
+    def ref(self) -> int:
+        """A fresh request id (for messages built by the caller, e.g. control requests)."""
+        return next(self._refs)
+
     async def control(self, msg: Message, timeout_s: float | None = None) -> Message:
         return await self._call("", self.run_dir.control, msg, timeout_s)
 
