@@ -1,0 +1,75 @@
+"""The kernel test grid shared by CPU and CUDA kernel tests: dtypes x ranks x adapter
+distributions x odd batch sizes, and outputs poisoned before each run so that elements a kernel
+fails to write are caught. Each fixed kernel bug adds a case to CASES."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kernels.lora import LoraSegment
+
+DTYPES = {"fp32": (torch.float32, 1e-5), "fp16": (torch.float16, 2e-3), "bf16": (torch.bfloat16, 2e-2)}
+RANKS = (4, 8, 16, 32, 64)
+DISTRIBUTIONS = ("distinct", "uniform", "zipf", "identical", "skewed")
+BATCH_SIZES = (1, 7, 33, 129)
+
+
+@dataclass(frozen=True)
+class Case:
+    dtype: str
+    rank: int
+    distribution: str
+    rows: int
+    n_adapters: int = 8
+    fan_in: int = 64
+    fan_out: int = 96
+
+
+CASES = [Case(d, r, dist, n) for d in DTYPES for r in (4, 64) for dist in DISTRIBUTIONS
+         for n in (7, 129)] + [Case("fp32", r, "uniform", 33) for r in RANKS]
+
+
+def assign(case: Case, rng: np.random.Generator) -> np.ndarray:
+    """Adapter index per row, sorted (rows sharing an adapter are contiguous, as the executor
+    packs them)."""
+    n, k = case.rows, case.n_adapters
+    if case.distribution == "distinct":
+        idx = np.arange(n) % max(n, 1)
+    elif case.distribution == "uniform":
+        idx = rng.integers(0, k, n)
+    elif case.distribution == "zipf":
+        p = 1.0 / np.arange(1, k + 1)
+        idx = rng.choice(k, n, p=p / p.sum())
+    elif case.distribution == "identical":
+        idx = np.zeros(n, int)
+    else:                                        # one adapter takes ~90%, the rest share the tail
+        idx = np.where(rng.random(n) < 0.9, 0, rng.integers(1, k, n))
+    return np.sort(idx)
+
+
+def adapters(case: Case, n_adapters: int, gen: torch.Generator):
+    """Per adapter: rank (varying around the case's rank), A (r, in), B (out, r), scale."""
+    out = []
+    for a in range(n_adapters):
+        r = max(1, case.rank - (a % 3) * case.rank // 4)
+        A = torch.randn(r, case.fan_in, generator=gen) / math.sqrt(case.fan_in)
+        B = torch.randn(case.fan_out, r, generator=gen) / math.sqrt(r)
+        out.append((r, A, B, 0.5 + a / n_adapters))
+    return out
+
+
+def segments(idx: np.ndarray, ads, dtype) -> list[LoraSegment]:
+    segs, start = [], 0
+    for a in np.unique(idx):
+        end = start + int((idx == a).sum())
+        r, A, B, scale = ads[a]
+        segs.append(LoraSegment(start, end, A.to(dtype), B.to(dtype), scale))
+        start = end
+    return segs
+
+
+def poisoned(shape, dtype) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=dtype)
