@@ -103,6 +103,10 @@ class Engine:
         items, pendings = [], []
         for req in batch.requests:
             p: Pending = req.payload
+            # A taken request stays in the scheduler's deadline bucket until its deadline (lazy
+            # removal): drop the payload, which holds the Submit and its zero-copy frames (each
+            # pins a libzmq receive buffer of ~8 KB), or memory grows by rate x deadline.
+            req.payload = None
             view = p.entry.slot.active
             if p.entry.session != p.session or view is None:   # task re-registered meanwhile
                 continue

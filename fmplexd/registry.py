@@ -22,6 +22,11 @@ class LatencyWindow:
     def add(self, latency_s: float, now: float) -> None:
         self._lat.append(latency_s)
         self._done.append(now)
+        self._prune(now)         # here too: without list_tasks calls it would grow per request
+
+    def _prune(self, now: float) -> None:
+        while self._done and now - self._done[0] > self.window_s:
+            self._done.popleft()
 
     def percentiles(self) -> tuple[float, float]:
         if not self._lat:
@@ -30,8 +35,7 @@ class LatencyWindow:
         return float(p50) * 1e3, float(p99) * 1e3
 
     def rate(self, now: float) -> float:
-        while self._done and now - self._done[0] > self.window_s:
-            self._done.popleft()
+        self._prune(now)
         return len(self._done) / self.window_s
 
 
