@@ -41,6 +41,7 @@ from ipc.errors import ErrorCode, FmplexError
 
 QUEUED, TAKEN, EXPIRED, DROPPED = range(4)       # QUEUED must stay 0: hot loops test `state`
 DEADLINE_BUCKETS = 1024                          # deadline buckets per unit of the caller's clock
+COMPACT_SLACK = 4096                             # filed-but-dead requests tolerated before compacting
 _INF = float("inf")
 
 
@@ -88,6 +89,7 @@ class Scheduler:
         self._heap: list[tuple[float, int, _Task]] = []     # backlogged tasks by virtual time
         self._buckets: dict[float, list[Request]] = {}     # deadline bucket -> its requests
         self._bucket_keys: list[float] = []                 # heap of the keys of _buckets
+        self._filed = 0                                     # entries in _buckets, live or not
         self._seq = itertools.count()
         self._vclock = 0.0                                  # virtual time of the last task served
         self.queued = 0
@@ -149,11 +151,25 @@ class Scheduler:
             heapq.heappush(self._bucket_keys, key)
         else:
             bucket.append(req)
+        self._filed += 1
+        if self._filed > 2 * self.queued + COMPACT_SLACK:
+            self._compact()
         if not task.in_heap:
             self._drop_idle_top()
             lift = self._heap[0][0] if self._heap else self._vclock
             task.vtime = max(task.vtime, lift)
             self._push(task)
+
+    def _compact(self) -> None:
+        """Drop taken/dropped requests from the deadline buckets. Taken requests are otherwise
+        only skipped when their bucket comes due, so with long deadlines they would pile up;
+        compacting whenever they outnumber the queued ones keeps the memory O(queued), at an
+        amortised O(1) per request."""
+        live = {k: [r for r in b if r.state == QUEUED] for k, b in self._buckets.items()}
+        self._buckets = {k: b for k, b in live.items() if b}
+        self._bucket_keys = list(self._buckets)
+        heapq.heapify(self._bucket_keys)
+        self._filed = sum(len(b) for b in self._buckets.values())
 
     def expire(self, now: float) -> list[Request]:
         """Remove and return every queued request whose deadline is <= now (earliest first)."""
@@ -165,6 +181,7 @@ class Scheduler:
             for req in buckets[key]:
                 if req.state == QUEUED:
                     (due if req.deadline <= now else keep).append(req)
+            self._filed -= len(buckets[key]) - len(keep)
             if keep:                       # the bucket `now` falls in: later buckets are all later
                 buckets[key] = keep
             else:
@@ -188,6 +205,7 @@ class Scheduler:
         keys, buckets = self._bucket_keys, self._buckets
         while keys:
             live = [r for r in buckets[keys[0]] if r.state == QUEUED]
+            self._filed -= len(buckets[keys[0]]) - len(live)
             if live:
                 buckets[keys[0]] = live
                 return min(r.deadline for r in live)

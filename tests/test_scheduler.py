@@ -192,3 +192,15 @@ def test_remove_task_returns_its_queued_requests():
     assert "a" not in s
     assert {r.task for r in s.form_batch(0.0).requests} == {"b"}
     assert s.queued == 0
+
+
+def test_taken_requests_do_not_pile_up_in_deadline_buckets():
+    """With long deadlines, served requests must not stay referenced until their deadline."""
+    s = Scheduler(token_budget=64, max_requests=8)
+    s.add_task("t", 1.0, 100)
+    for _ in range(20_000):
+        s.submit(Request("t", 8, deadline=3600.0))
+        s.form_batch(0.0)
+    filed = sum(len(b) for b in s._buckets.values())
+    assert filed <= 2 * s.queued + 4096 + 1
+    assert s.next_deadline() is None and s.queued == 0
