@@ -1,0 +1,56 @@
+"""Smoke test of the benchmarks: each `python bench/NAME.py --quick --out DIR` exits 0, writes its
+JSON with the expected keys (and the machine block), and prints a markdown table last."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+BENCHES = {
+    "executor": ("executor.json", {"results", "torch_threads", "kinds"}),
+    "scheduler": ("scheduler.json", {"form_batch_us", "submit_us", "requests_per_batch", "goal"}),
+    "fairness": ("fairness.json", {"capacity_rps", "phases", "pass", "processes_left"}),
+    "ipc": ("ipc.json", {"codec", "round_trip", "import", "goals"}),
+    "chaos": ("chaos.json", {"summary", "tasks", "kills"}),
+    "fuzz": ("fuzz.json", {"sockets", "check"}),
+    "task_memory": ("task_memory.json", {"levels", "pass"}),
+}
+
+
+def last_block(stdout: str) -> list[str]:
+    """The last run of non-empty lines of the output."""
+    block: list[str] = []
+    for line in reversed(stdout.rstrip().splitlines()):
+        if not line.strip():
+            break
+        block.append(line)
+    return block[::-1]
+
+
+@pytest.mark.parametrize("name", sorted(BENCHES))
+def test_quick_run_writes_json_and_prints_a_table_last(name, tmp_path):
+    filename, keys = BENCHES[name]
+    proc = subprocess.run([sys.executable, os.path.join("bench", f"{name}.py"), "--quick",
+                           "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    with open(tmp_path / filename) as f:
+        data = json.load(f)
+    assert keys | {"machine"} <= set(data), sorted(data)
+    table = last_block(proc.stdout)
+    assert len(table) >= 3, proc.stdout[-2000:]
+    assert all(line.startswith("|") and line.rstrip().endswith("|") for line in table), table
+    assert set(table[1]) <= set("|-: "), table[1]          # the header separator
+    widths = {line.count("|") for line in table}
+    assert len(widths) == 1, table                           # every row has the header's columns
+    if name == "fairness":
+        assert data["processes_left"] == []
+    if name == "chaos":                                      # the guarantee holds in a short run
+        s = data["summary"]
+        assert s["kills"] > 0 and s["lost"] == s["hung"] == s["wrong"] == 0 and \
+            s["daemon_exit"] == 0, s
+    if name == "fuzz":
+        assert data["check"]["passed"], data["check"]["why"]
