@@ -5,10 +5,13 @@ Starts a real fmplexd on the embedded all-MiniLM-L6-v2, deploys N standard tasks
 socket (its supervisor spawns them) -- a mix of text-classification tasks (LoRA r=8 on query/value of
 every layer + a linear head) and text-embedding tasks (the same kind of LoRA) -- sends a few requests
 to each, then reads PSS (shared pages split among their users), RSS and USS (private pages) of every
-task process and the daemon's PSS from /proc. N grows 1 -> 8 -> 32 on the same daemon (--quick:
+task process and the daemon's PSS (with its task zygote's) from /proc. N grows 1 -> 8 -> 32 on the same daemon (--quick:
 1 -> 4); the slope of the total (daemon + tasks) PSS is the memory one more task costs.
 
-    python bench/task_memory.py [--quick] [--out DIR]        (from the repository root)
+    python bench/task_memory.py [--quick] [--exec] [--out DIR]     (from the repository root)
+
+Tasks are forked by the daemon's task zygote (shared pre-imported pages), or with --exec each is
+exec'd afresh (task_zygote = false), which is what a task started by hand costs.
 
 Goal: PSS <= 60 MB (10^6 bytes) per task process (a standard task maps no weights and imports no
 torch). Prints a markdown table last and writes task_memory.json to --out.
@@ -30,6 +33,7 @@ if HERE not in sys.path:                   # also when run through `fmplex bench
 import common  # noqa: E402
 
 import numpy as np  # noqa: E402
+import psutil  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
 from ipc import aio  # noqa: E402
@@ -120,7 +124,10 @@ def measure(client, daemon: DaemonProcess) -> dict:
         rows.append({"name": t.name, "pid": t.pid, "requests": t.requests,
                      "pss": pss_bytes(t.pid), "rss": m.get("Rss", 0),
                      "uss": m.get("Private_Clean", 0) + m.get("Private_Dirty", 0)})
-    daemon_pss = pss_bytes(daemon.proc.pid)
+    task_pids = {t.pid for t in tasks}
+    helpers = [p.pid for p in psutil.Process(daemon.proc.pid).children(recursive=True)
+               if p.pid not in task_pids]          # the task zygote: counted with the daemon
+    daemon_pss = pss_bytes(daemon.proc.pid) + sum(pss_bytes(pid) for pid in helpers)
     pss = np.array([r["pss"] for r in rows], float)
     return {"n": len(rows), "tasks": rows, "daemon_pss": daemon_pss,
             "task_pss_mean": float(pss.mean()), "task_pss_max": float(pss.max()),
@@ -130,16 +137,20 @@ def measure(client, daemon: DaemonProcess) -> dict:
 
 
 def main() -> int:
-    args = common.parser(__doc__).parse_args()
+    ap = common.parser(__doc__)
+    ap.add_argument("--exec", action="store_true",
+                    help="task_zygote = false: the supervisor execs each task (no shared pages)")
+    args = ap.parse_args()
     out = common.out_dir(args.out, "task_memory")
     counts = QUICK_COUNTS if args.quick else COUNTS
+    config = "task_zygote = false" if args.exec else ""
     work = short_tmpdir("fmx-mem-")
     daemon = None
     levels = []
     try:
         os.makedirs(daemon_dir := os.path.join(work, "daemon"))
         t0 = time.perf_counter()
-        daemon = DaemonProcess("embedded", workdir=daemon_dir).start()
+        daemon = DaemonProcess("embedded", workdir=daemon_dir, config=config).start()
         print(f"fmplexd ready in {time.perf_counter() - t0:.1f}s (run dir {daemon.run_dir})")
         with daemon.client(timeout_s=120) as c:
             bb = c.control(Info(ref=c.ref())).backbones[0]
@@ -172,7 +183,8 @@ def main() -> int:
     worst = max(lv["task_pss_max"] for lv in levels)
     ok = worst <= GOAL_PSS_MB * MB
     common.write_json(out, "task_memory.json", {
-        "backbone": "embedded all-MiniLM-L6-v2", "counts": list(counts), "levels": levels,
+        "backbone": "embedded all-MiniLM-L6-v2", "task_zygote": not args.exec,
+        "counts": list(counts), "levels": levels,
         "slope_total_pss_per_task": slope, "goal_task_pss_bytes": GOAL_PSS_MB * MB, "pass": ok})
     rows = []
     for i, lv in enumerate(levels):

@@ -14,6 +14,9 @@ backbone. Built once, never rewritten after construction.
                                        # core to task processes, clients and the daemon's I/O
     trust_root = true                  # uid 0 may act for any owner
     keep_slot_on_death = false
+    task_zygote = true                 # fork supervised task processes from a pre-imported zygote
+                                       # (shared pages: far less memory per task; they share its
+                                       # ASLR layout); false = exec each one afresh
     drain_timeout_s = 10.0             # SIGTERM: time to finish in-flight work
 
     [[backbone]]
@@ -51,6 +54,7 @@ class DaemonConfig:
     threads: int = 0
     trust_root: bool = True
     keep_slot_on_death: bool = False
+    task_zygote: bool = True
     drain_timeout_s: float = 10.0
     backbones: tuple[BackboneConfig, ...] = (BackboneConfig(),)
 

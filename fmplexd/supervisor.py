@@ -1,6 +1,8 @@
 """Spawning and supervising task processes for deployed specs.
 
-deploy(spec) starts `python -m tasklets task run SPEC` (as the spec's owner when the daemon is root),
+deploy(spec) starts a task process for SPEC (as the spec's owner when the daemon is root): forked by
+the task zygote (fmplexd/task_zygote.py; config `task_zygote`, default on), whose pre-imported pages
+every task shares, or, with the zygote off or failing, `python -m tasklets task run SPEC`. It
 waits until the task has registered and committed (READY) and returns its name; a process that exits
 first fails the deploy with the error it printed. A deployed task that dies later is restarted with
 exponential backoff (0.1 s doubling to 5 s, reset after 30 s of health); a hung one (heartbeat lost
@@ -27,6 +29,7 @@ from ipc.errors import TASK_EXIT_PREFIX, ErrorCode, FmplexError
 
 if TYPE_CHECKING:
     from fmplexd.daemon import Daemon
+    from fmplexd.task_zygote import ForkedProcess
 
 log = logging.getLogger("fmplexd.supervisor")
 BACKOFF_MIN_S, BACKOFF_MAX_S, HEALTHY_S = 0.1, 5.0, 30.0
@@ -39,7 +42,7 @@ class Child:
     name: str
     spec_path: str
     owner_uid: int
-    proc: asyncio.subprocess.Process | None = None
+    proc: "asyncio.subprocess.Process | ForkedProcess | None" = None
     started: float = 0.0
     quick_deaths: int = 0          # consecutive deaths within HEALTHY_S of starting
     restarts: int = 0
@@ -58,6 +61,14 @@ class Supervisor:
         self.log_dir = os.path.join(daemon.run_dir.path, "logs")
         state = daemon.config.state_dir or os.path.join(daemon.run_dir.path, "state")
         self.record_dir = os.path.join(state, "deployed")
+        self.zygote = None
+        if daemon.config.task_zygote:
+            from fmplexd.task_zygote import TaskZygote
+            tokenizers = sorted({b.info.tokenizer for b in daemon.backbones.values()
+                                 if b.info.tokenizer})
+            env = {k: v for k, v in os.environ.items() if k not in SCRUBBED_ENV}
+            os.makedirs(self.log_dir, mode=0o755, exist_ok=True)
+            self.zygote = TaskZygote(tokenizers, os.path.join(self.log_dir, "zygote.log"), env)
 
     async def deploy(self, spec_text: str, spec_path: str, uid: int | None) -> str:
         from tasklets.spec import parse_spec
@@ -166,6 +177,8 @@ class Supervisor:
                 if p.returncode is None:
                     _kill(p, signal.SIGKILL)
             await asyncio.gather(*(p.wait() for p in procs), return_exceptions=True)
+        if self.zygote is not None:
+            await self.zygote.close()
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -180,16 +193,24 @@ class Supervisor:
         os.makedirs(self.log_dir, mode=0o755, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if k not in SCRUBBED_ENV}
         env["FMPLEX_RUN_DIR"] = self.d.run_dir.path
-        as_user = {}
+        uid = gid = None
         if os.getuid() == 0 and child.owner_uid != 0:
-            as_user = {"user": child.owner_uid, "group": _primary_gid(child.owner_uid),
-                       "extra_groups": []}
+            uid, gid = child.owner_uid, _primary_gid(child.owner_uid)
         log_path = os.path.join(self.log_dir, f"{child.name}.log")
-        with open(log_path, "ab") as log_file:
-            child.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "tasklets", "task", "run", child.spec_path, "--supervised",
-                stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file, env=env,
-                start_new_session=True, **as_user)
+        child.proc = None
+        if self.zygote is not None:
+            try:
+                child.proc = await self.zygote.spawn(child.name, child.spec_path, log_path, env,
+                                                     uid, gid)
+            except FmplexError as e:        # the zygote only saves memory: exec instead
+                log.warning("task %s: %s; starting it with exec", child.name, e.message)
+        if child.proc is None:
+            as_user = {} if uid is None else {"user": uid, "group": gid, "extra_groups": []}
+            with open(log_path, "ab") as log_file:
+                child.proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "tasklets", "task", "run", child.spec_path,
+                    "--supervised", stdin=asyncio.subprocess.DEVNULL, stdout=log_file,
+                    stderr=log_file, env=env, start_new_session=True, **as_user)
         child.started = time.monotonic()
         child.ready = asyncio.get_running_loop().create_future()
         child.watcher = asyncio.get_running_loop().create_task(self._watch(child, log_path))

@@ -3,7 +3,7 @@
 FMPLEX_FAULTS="raise=<text>,segfault=<text>,hang=<text>,exit=<text>" makes a task process, when an
 input equals <text>: raise an exception inside its pipeline (the request gets an INTERNAL error,
 the process lives on), die of SIGSEGV, stop its event loop forever (no more heartbeats), or exit 3.
-Read once at start-up; a process without the variable pays one dict lookup per request.
+Read at start-up (and by `reload`); a process without the variable pays one dict lookup per request.
 """
 from __future__ import annotations
 
@@ -11,8 +11,20 @@ import os
 import signal
 import time
 
-FAULTS: dict[str, str] = dict(
-    item.split("=", 1) for item in os.environ.get("FMPLEX_FAULTS", "").split(",") if "=" in item)
+
+
+def _from_env() -> dict[str, str]:
+    return dict(item.split("=", 1) for item in os.environ.get("FMPLEX_FAULTS", "").split(",")
+                if "=" in item)
+
+
+FAULTS: dict[str, str] = _from_env()
+
+
+def reload() -> None:
+    """Read FMPLEX_FAULTS again (a process forked by the task zygote gets its env after import)."""
+    global FAULTS
+    FAULTS = _from_env()
 
 
 class InjectedFault(RuntimeError):

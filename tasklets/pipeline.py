@@ -23,6 +23,15 @@ from ipc.messages import MAX_SEQUENCES, InferReply, LabelScore, TokenLabel
 from tasklets import faults
 from tasklets.spec import Pipeline, TaskSpec
 
+_PRELOADED: dict[str, Tokenizer] = {}
+
+
+def preload_tokenizer(path: str) -> None:
+    """Load a tokenizer ahead of time (the task zygote does, so that its forks share the vocabulary
+    copy-on-write). The first pipeline of the process with that path takes it; later ones (e.g. a
+    canary, which may truncate differently) load their own, since a pipeline configures it."""
+    _PRELOADED[path] = Tokenizer.from_file(path)
+
 
 @dataclass(slots=True)
 class Encoded:
@@ -38,7 +47,7 @@ class TaskPipeline:
         if not tokenizer_path:
             raise FmplexError(ErrorCode.INVALID_INPUT, "the backbone has no tokenizer.json")
         self.spec = spec
-        self.tokenizer = Tokenizer.from_file(tokenizer_path)
+        self.tokenizer = _PRELOADED.pop(tokenizer_path, None) or Tokenizer.from_file(tokenizer_path)
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length)
         self.max_length = max_length
