@@ -48,6 +48,7 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 import dataclasses  # noqa: E402
+import json  # noqa: E402
 import shlex  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
@@ -71,6 +72,11 @@ from bench.workload import WorkloadSpec  # noqa: E402
 def parse_args():
     ap = common.parser(__doc__)
     ap.add_argument("--doc", default=None, help="regenerate this markdown file's serving section")
+    ap.add_argument("--doc-section", default="",
+                    help="with --doc: a named section of its own (a variant run), not the main one")
+    ap.add_argument("--doc-from", default=None, metavar="SERVE_JSON",
+                    help="with --doc: regenerate the section from an earlier run's serve.json "
+                         "(runs nothing; the command recorded is the one that made it)")
     ap.add_argument("--tasks", type=int, default=None, help="N (default 16; 4 with --quick)")
     ap.add_argument("--budget-gib", type=float, default=8.0, help="memory budget for capacity")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
@@ -98,6 +104,12 @@ def parse_args():
 
 def main() -> int:
     args, plan = parse_args()
+    if args.doc and args.doc_from:
+        with open(args.doc_from) as f:
+            results = json.load(f)
+        write_doc(args.doc, results, results["command"], args.doc_section)
+        print(f"regenerated {args.doc} from {args.doc_from}")
+        return 0
     out = common.out_dir(args.out, "serve")
     command = "python bench/serve.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -183,7 +195,7 @@ def main() -> int:
         results["processes_left"] = leftovers()
         common.write_json(out, "serve.json", results)
         if args.doc:
-            write_doc(args.doc, results, command)
+            write_doc(args.doc, results, command, args.doc_section)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     head, rows, ghead, grows = tables(results)

@@ -8,7 +8,7 @@ to each, then reads PSS (shared pages split among their users), RSS and USS (pri
 task process and the daemon's PSS (with its task zygote's) from /proc. N grows 1 -> 8 -> 32 on the same daemon (--quick:
 1 -> 4); the slope of the total (daemon + tasks) PSS is the memory one more task costs.
 
-    python bench/task_memory.py [--quick] [--exec] [--out DIR]     (from the repository root)
+    python bench/task_memory.py [--quick] [--exec] [--counts 1,8,32] [--out DIR]   (repo root)
 
 Tasks are forked by the daemon's task zygote (shared pre-imported pages), or with --exec each is
 exec'd afresh (task_zygote = false), which is what a task started by hand costs.
@@ -140,9 +140,13 @@ def main() -> int:
     ap = common.parser(__doc__)
     ap.add_argument("--exec", action="store_true",
                     help="task_zygote = false: the supervisor execs each task (no shared pages)")
+    ap.add_argument("--counts", default=None,
+                    help="comma-separated task counts to grow through (default 1,8,32)")
     args = ap.parse_args()
     out = common.out_dir(args.out, "task_memory")
     counts = QUICK_COUNTS if args.quick else COUNTS
+    if args.counts:
+        counts = tuple(sorted(int(n) for n in args.counts.split(",")))
     config = "task_zygote = false" if args.exec else ""
     work = short_tmpdir("fmx-mem-")
     daemon = None

@@ -13,16 +13,24 @@ from bench.servebench.report import capacity_table, fmt_ms, markdown_table, prof
 from bench.workload import WorkloadSpec
 
 
-DOC_BEGIN = "<!-- bench/serve.py: begin (generated; do not edit by hand) -->"
-DOC_END = "<!-- bench/serve.py: end -->"
+def markers(section: str = "") -> tuple[str, str]:
+    """The begin and end lines of a generated section ("" = the main run's)."""
+    name = f"bench/serve.py{' ' + section if section else ''}"
+    return f"<!-- {name}: begin (generated; do not edit by hand) -->", f"<!-- {name}: end -->"
 
 
-def write_doc(path: str, results: dict, command: str) -> None:
-    """Regenerate the serving section of docs/benchmarks.md (other sections are kept)."""
+DOC_BEGIN, DOC_END = markers()
+
+
+def write_doc(path: str, results: dict, command: str, section: str = "") -> None:
+    """Regenerate one serving section of docs/benchmarks.md (`section` names a variant run;
+    other sections are kept)."""
+    DOC_BEGIN, DOC_END = markers(section)
     head, rows, ghead, grows = tables(results)
     m, r = results["machine"], results
     prof = r.get("profile", {})
-    lines = [DOC_BEGIN, "## Serving: fmplex vs one model instance per task", "",
+    title = "## Serving: fmplex vs one model instance per task" + (f" ({section})" if section else "")
+    lines = [DOC_BEGIN, title, "",
              "Produced by:", "", "```", command, "```", "",
              f"Machine: {m['cpus']} CPUs ({m['platform']}), Python {m['python']}, 1-minute load "
              f"average {r.get('loadavg_1m_at_start', '?')} at the start, {m['time']} at the end, "
