@@ -200,7 +200,7 @@ class Daemon:
                     entry = self.registry.by_session.get(session)
                     if entry is not None:
                         lifecycle.task_died(self, entry, "heartbeat timeout")
-            if now - last_beat >= period:
+            if now - last_beat >= transport.DAEMON_BEAT_PERIODS * period:
                 last_beat = now
                 seq += 1
                 for entry in list(self.registry.by_name.values()):

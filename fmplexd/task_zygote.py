@@ -72,9 +72,9 @@ class TaskZygote:
         fut = asyncio.get_running_loop().create_future()
         self._replies[rid] = fut
         try:
-            self._sock.send(msgpack.packb({"op": "spawn", "id": rid, "name": name, "spec": spec,
-                                           "log": log_path, "env": env, "uid": uid, "gid": gid}))
-            reply = await asyncio.wait_for(fut, SPAWN_TIMEOUT_S)
+            request = msgpack.packb({"op": "spawn", "id": rid, "name": name, "spec": spec,
+                                     "log": log_path, "env": env, "uid": uid, "gid": gid})
+            reply = await asyncio.wait_for(self._send_and_wait(request, fut), SPAWN_TIMEOUT_S)
         except OSError as e:
             raise FmplexError(ErrorCode.INTERNAL, f"the task zygote is unreachable: {e}") from None
         except asyncio.TimeoutError:
@@ -84,6 +84,11 @@ class TaskZygote:
         if "error" in reply:
             raise FmplexError(ErrorCode.INTERNAL, f"the task zygote could not fork: {reply['error']}")
         return self._children[reply["pid"]]
+
+    async def _send_and_wait(self, request: bytes, fut: asyncio.Future) -> dict:
+        """Send when the socket has room (a burst of restarts can fill it), then await the answer."""
+        await asyncio.get_running_loop().sock_sendall(self._sock, request)
+        return await fut
 
     async def close(self) -> None:
         if self._sock is not None:

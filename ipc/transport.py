@@ -163,6 +163,15 @@ def check_epoch(got: int, expected: int) -> None:
         raise ProtocolError(ErrorCode.STALE_EPOCH, f"epoch {got} is not the current {expected}")
 
 
+# Heartbeat rates (docs/protocol.md §10), in periods of `heartbeat_ms`. Tasks beat every period: a
+# hung task must be noticed within liveness_ms. The daemon beats every DAEMON_BEAT_PERIODS and a
+# task declares it lost after DAEMON_SILENCE_PERIODS of silence: a dead daemon shows at once as
+# handle-plane EOF, so its heartbeats only catch a daemon alive but hung, and sparse ones keep
+# hundreds of idle tasks cheap (and free of false alarms when the machine is saturated).
+DAEMON_BEAT_PERIODS = 5
+DAEMON_SILENCE_PERIODS = 25
+
+
 class Liveness:
     """Last-seen times of peers; a peer unseen for `timeout_s` is expired. Pure: the caller passes
     the clock, so it is tested without sleeping."""

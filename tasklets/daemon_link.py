@@ -221,7 +221,7 @@ class DaemonLink:
 
     async def _heartbeats(self, period: float) -> None:
         seq = itertools.count(1)
-        timeout = 4 * period
+        timeout = transport.DAEMON_SILENCE_PERIODS * period
         last_tick = time.monotonic()
         while True:
             await asyncio.sleep(period)

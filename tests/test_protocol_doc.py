@@ -318,7 +318,7 @@ class RawTask:
 
     def wait_heartbeat(self) -> None:
         """A daemon heartbeat for our session arrives within a few periods (§10)."""
-        deadline = time.monotonic() + 4 * self.period_s
+        deadline = time.monotonic() + 2 * 5 * self.period_s          # it beats every 5 periods
         while self.heard_beats == 0:
             head, _ = self.dealer.recv(int(max(0.0, deadline - time.monotonic()) * 1000) + 1)
             if head["type"] == "heartbeat":
