@@ -68,13 +68,16 @@ def router(ctx: zmq.Context, address: str, *, hwm: int = DEFAULT_HWM,
 
 
 def dealer(ctx: zmq.Context, address: str, *, hwm: int = DEFAULT_HWM,
-           max_msg_bytes: int = DEFAULT_MAX_MSG_BYTES, curve: tuple[bytes, bytes, bytes] | None = None
-           ) -> zmq.Socket:
-    """A connected DEALER. curve = (server public, own public, own secret) for CURVE (tcp://)."""
+           max_msg_bytes: int = DEFAULT_MAX_MSG_BYTES, curve: tuple[bytes, bytes, bytes] | None = None,
+           connect: bool = True) -> zmq.Socket:
+    """A connected DEALER. curve = (server public, own public, own secret) for CURVE (tcp://).
+    connect=False leaves the connect to the caller (e.g. after attaching a socket monitor, which
+    reports only events after it is attached)."""
     sock = _common(ctx.socket(zmq.DEALER), hwm, max_msg_bytes)
     if curve is not None:
         sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = curve
-    sock.connect(address)
+    if connect:
+        sock.connect(address)
     return sock
 
 

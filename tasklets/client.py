@@ -10,9 +10,12 @@ task's own endpoint. Failures raise typed errors (ipc.errors): OverloadedError, 
 DaemonUnavailable (peer dead), UnknownTask, InvalidRequest, Unauthorized.
 `infer_many` pipelines several calls on one connection (batched calls).
 
-A call never hangs on a dead task: each task connection is watched by a ZeroMQ socket monitor, and
-a disconnect while calls are outstanding fails them at once with TaskUnavailable. The connection
-re-establishes itself when the task's process is restarted; later calls then succeed.
+A call never hangs on a dead task: each task connection is watched by a ZeroMQ socket monitor; a
+disconnect while calls are outstanding fails them at once with TaskUnavailable, and a call to a
+task whose connection is down (its process dead and not yet restarted) waits at most
+CONNECT_GRACE_S for it to come back, then fails with TaskUnavailable instead of queueing for a
+process that may not exist. The connection re-establishes itself when the task's process is
+restarted; later calls then succeed.
 """
 from __future__ import annotations
 
@@ -31,14 +34,48 @@ from ipc.messages import PROTOCOL_VERSION, Endpoint, Error, Infer, InferReply, M
 
 DEFAULT_TIMEOUT_S = 30.0
 WATCHED = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+CONNECT_GRACE_S = 1.0          # a restarting task (0.1 s backoff first) is usually back by then
 
 
-def _disconnected(monitor: zmq.Socket) -> bool:
-    """Drain a monitor socket; True if a disconnect was among its events."""
-    seen = False
-    while monitor.poll(0):
-        seen |= recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED
-    return seen
+def _unavailable(task: str) -> TaskUnavailable:
+    return TaskUnavailable(ErrorCode.TASK_UNAVAILABLE, f"task {task} has no connected process "
+                           f"(not back within {CONNECT_GRACE_S}s; restarting or removed)")
+
+
+class _Link:
+    """A task connection of the sync Client and what its monitor said last."""
+
+    def __init__(self, ctx: zmq.Context, address: str):
+        self.sock = transport.dealer(ctx, address, connect=False)
+        self.monitor, self.connected = self.sock.get_monitor_socket(WATCHED), False
+        self.sock.connect(address)               # after the monitor: it sees CONNECTED
+
+    def drain(self) -> bool:
+        """Read the monitor's events; True if a disconnect was among them."""
+        seen = False
+        while self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)["event"]
+            if event == zmq.EVENT_CONNECTED:
+                self.connected = True
+            elif event == zmq.EVENT_DISCONNECTED:
+                self.connected, seen = False, True
+        return seen
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        self.drain()
+        while not self.connected:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if self.monitor.poll(int(left * 1000) + 1):
+                self.drain()
+        return True
+
+    def close(self) -> None:
+        self.sock.disable_monitor()
+        self.monitor.close(linger=0)
+        self.sock.close(linger=0)
 
 
 def _raise_if_error(reply: Message) -> Message:
@@ -53,7 +90,7 @@ class Client:
         self.timeout_s = timeout_s
         self.ctx = zmq.Context()
         self._control: zmq.Socket | None = None
-        self._tasks: dict[str, tuple[zmq.Socket, zmq.Socket]] = {}     # task -> (socket, monitor)
+        self._tasks: dict[str, _Link] = {}
         self._refs = itertools.count(1)
 
     def __enter__(self):
@@ -63,10 +100,8 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        for sock, monitor in self._tasks.values():
-            sock.disable_monitor()
-            monitor.close(linger=0)
-            sock.close(linger=0)
+        for link in self._tasks.values():
+            link.close()
         if self._control is not None:
             self._control.close(linger=0)
         self.ctx.term()
@@ -92,14 +127,15 @@ class Client:
         """Send every batch at once on the task's connection, then collect the replies in order.
         Raises the first error (typed) after all replies are in or the timeout passes."""
         timeout_s = timeout_s or self.timeout_s
-        sock, monitor = self._task_socket(task)
+        link = self._task_link(task)
         msgs = [Infer(ref=self.ref(), texts=list(b), pairs=list(pairs[i]) if pairs else None,
                       top_k=top_k, timeout_ms=int(timeout_s * 1000), proto=PROTOCOL_VERSION)
                 for i, b in enumerate(batches)]
-        _disconnected(monitor)                  # old events concern earlier calls
+        if not link.wait_connected(min(timeout_s, CONNECT_GRACE_S)):  # (old events: state only)
+            raise _unavailable(task)
         for m in msgs:
-            transport.send(sock, m)
-        replies = self._collect(sock, {m.ref for m in msgs}, timeout_s, monitor=monitor)
+            transport.send(link.sock, m)
+        replies = self._collect(link.sock, {m.ref for m in msgs}, timeout_s, link=link)
         if replies is None:
             raise TaskUnavailable(ErrorCode.TASK_UNAVAILABLE,
                                   f"task {task} went away with {len(msgs)} call(s) in flight")
@@ -110,12 +146,11 @@ class Client:
             out.append(_raise_if_error(replies[m.ref]))
         return out
 
-    def _task_socket(self, task: str) -> tuple[zmq.Socket, zmq.Socket]:
-        conn = self._tasks.get(task)
-        if conn is None:
-            sock = transport.dealer(self.ctx, self.endpoint(task).address)
-            conn = self._tasks[task] = (sock, sock.get_monitor_socket(WATCHED))
-        return conn
+    def _task_link(self, task: str) -> _Link:
+        link = self._tasks.get(task)
+        if link is None:
+            link = self._tasks[task] = _Link(self.ctx, self.endpoint(task).address)
+        return link
 
     def _rpc(self, sock: zmq.Socket, msg: Message, timeout_s: float) -> Message:
         replies = self._collect(sock, {msg.ref}, timeout_s, send=msg)
@@ -125,14 +160,14 @@ class Client:
 
     @staticmethod
     def _collect(sock: zmq.Socket, refs: set[int], timeout_s: float, send: Message | None = None,
-                 monitor: zmq.Socket | None = None) -> dict[int, Message] | None:
+                 link: _Link | None = None) -> dict[int, Message] | None:
         """Replies by ref until all are in or time is up; None if the peer disconnected first."""
         if send is not None:
             transport.send(sock, send)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
-        if monitor is not None:
-            poller.register(monitor, zmq.POLLIN)
+        if link is not None:
+            poller.register(link.monitor, zmq.POLLIN)
         deadline = time.monotonic() + timeout_s
         replies: dict[int, Message] = {}
         while len(replies) < len(refs):
@@ -144,7 +179,7 @@ class Client:
                 reply = transport.recv_sync(sock, router_side=False).decode()
                 if getattr(reply, "ref", None) in refs:   # late replies of earlier calls are dropped
                     replies[reply.ref] = reply
-            elif monitor is not None and _disconnected(monitor):
+            elif link is not None and link.drain():
                 return None
         return replies
 
@@ -158,6 +193,7 @@ class AsyncClient:
         self.ctx = zmq.asyncio.Context()
         self._socks: dict[str, tuple[zmq.asyncio.Socket, list[asyncio.Task]]] = {}
         self._pending: dict[int, tuple[str, asyncio.Future]] = {}
+        self._up: dict[str, asyncio.Event] = {}           # task -> connected (from its monitor)
         self._refs = itertools.count(1)
 
     async def __aenter__(self):
@@ -188,6 +224,12 @@ class AsyncClient:
         if task not in self._socks:
             ep = await self.control(Resolve(ref=next(self._refs), name=task))
             self._open(task, ep.address, watch=True)
+        up = self._up.get(task)
+        if up is not None and not up.is_set():
+            try:
+                await asyncio.wait_for(up.wait(), min(timeout_s, CONNECT_GRACE_S))
+            except asyncio.TimeoutError:
+                raise _unavailable(task) from None
         msg = Infer(ref=next(self._refs), texts=list(texts), pairs=list(pairs) if pairs else None,
                     top_k=top_k, timeout_ms=int(timeout_s * 1000), proto=PROTOCOL_VERSION)
         return await self._call(task, None, msg, timeout_s)
@@ -195,11 +237,13 @@ class AsyncClient:
     def _open(self, key: str, address: str, watch: bool = False) -> zmq.asyncio.Socket:
         if key in self._socks:                     # opened meanwhile by a concurrent call
             return self._socks[key][0]
-        sock = transport.dealer(self.ctx, address)
+        sock = transport.dealer(self.ctx, address, connect=False)
         loop = asyncio.get_running_loop()
         tasks = [loop.create_task(self._reader(sock))]
-        if watch:
+        if watch:                                  # the monitor first: it sees CONNECTED
+            self._up[key] = asyncio.Event()
             tasks.append(loop.create_task(self._watch(key, sock.get_monitor_socket(WATCHED))))
+        sock.connect(address)
         self._socks[key] = (sock, tasks)
         return sock
 
@@ -233,8 +277,11 @@ class AsyncClient:
         try:
             while True:
                 event = await recv_monitor_message(monitor)
+                if event["event"] == zmq.EVENT_CONNECTED:
+                    self._up[key].set()
                 if event["event"] != zmq.EVENT_DISCONNECTED:
                     continue
+                self._up[key].clear()
                 for k, fut in list(self._pending.values()):
                     if k == key and not fut.done():
                         fut.set_exception(TaskUnavailable(

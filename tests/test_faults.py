@@ -159,3 +159,35 @@ def test_daemon_restart_tasks_reregister_by_themselves(tiny_bert):
     finally:
         task.stop()
         d.cleanup()
+
+
+def test_a_call_to_a_task_whose_process_is_gone_fails_fast(env):
+    """A task started by hand dies and nobody restarts it: a client that still holds its
+    connection gets TaskUnavailable within the connect grace, not a timeout (sync and async)."""
+    import asyncio
+
+    from tasklets.client import CONNECT_GRACE_S, AsyncClient
+    specs = short_tmpdir("fmx-gone-")
+    task = TaskProc(write_spec(specs, "gone", 'pipeline = "text-embedding"'), env.run_dir).start()
+
+    async def async_call(c, text):
+        return await c.infer("gone", [text], timeout_s=20)
+
+    async def scenario():
+        async with AsyncClient(env.run_dir) as ac:
+            with env.client() as c:
+                assert c.infer("gone", ["up"]).embeddings.shape == (1, 32)   # connected, cached
+                assert (await async_call(ac, "up")).embeddings.shape == (1, 32)
+                task.proc.kill()
+                task.proc.wait()
+                t0 = time.monotonic()
+                with pytest.raises(TaskUnavailable):
+                    c.infer("gone", ["down"], timeout_s=20)
+                with pytest.raises(TaskUnavailable):
+                    await async_call(ac, "down")
+                return time.monotonic() - t0
+    try:
+        took = asyncio.run(scenario())
+    finally:
+        task.stop()
+    assert took < 2 * CONNECT_GRACE_S + 3, took          # not the 20 s timeout
