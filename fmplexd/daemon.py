@@ -34,6 +34,7 @@ from ipc.zap import ZapRequest, ZapServer
 
 log = logging.getLogger("fmplexd")
 STALLED_FORWARD_S = 60.0      # a forward running longer than this is wedged
+STALL_LOG_S = 1.0             # a housekeeping tick this late is logged
 
 
 class Daemon:
@@ -192,6 +193,9 @@ class Daemon:
                 # The loop itself stalled: heartbeats may be waiting unread in the socket. Judge
                 # liveness again only after the task plane had time to drain.
                 grace_until = now + 2 * period
+                if now - last_tick > STALL_LOG_S:      # an operator's clue (GIL, CPU starvation)
+                    log.warning("event loop stalled for %.1fs (heartbeats and replies waited)",
+                                now - last_tick)
             last_tick = now
             for engine in self.engines.values():
                 self.answer_expired(engine.scheduler.expire(now))
