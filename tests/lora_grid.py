@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kernels.lora import LoraSegment
+from kernels.lora import LoraSegment, lora_loop_reference
 
 DTYPES = {"fp32": (torch.float32, 1e-5), "fp16": (torch.float16, 2e-3), "bf16": (torch.bfloat16, 2e-2)}
 RANKS = (4, 8, 16, 32, 64)
@@ -73,3 +73,38 @@ def segments(idx: np.ndarray, ads, dtype) -> list[LoraSegment]:
 
 def poisoned(shape, dtype) -> torch.Tensor:
     return torch.full(shape, float("nan"), dtype=dtype)
+
+
+def case_id(case: Case) -> str:
+    return f"{case.dtype}-r{case.rank}-{case.distribution}-n{case.rows}"
+
+
+@dataclass
+class LoraProblem:
+    """One case's inputs (rows sorted by adapter `idx`; adapters `ads` as (rank, A, B, scale)) and
+    its fp64 reference: want = y0 + the loop over segments. `gen` draws anything a test adds."""
+    idx: np.ndarray
+    ads: list
+    x: torch.Tensor
+    y0: torch.Tensor
+    want: torch.Tensor
+    gen: torch.Generator
+
+    def segments(self, dtype) -> list[LoraSegment]:
+        return segments(self.idx, self.ads, dtype)
+
+
+def lora_problem(case: Case, seed: int = 0) -> LoraProblem:
+    """The inputs of a case, reproducible from (case, seed)."""
+    rng, gen = np.random.default_rng(case.rank + seed), torch.Generator().manual_seed(case.rows + seed)
+    idx = assign(case, rng)
+    ads = adapters(case, int(idx.max()) + 1, gen)
+    x = torch.randn(case.rows, case.fan_in, generator=gen)
+    y0 = torch.randn(case.rows, case.fan_out, generator=gen)
+    want = lora_loop_reference(y0.double(), x.double(), segments(idx, ads, torch.float64))
+    return LoraProblem(idx, ads, x, y0, want, gen)
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
+    """Within tol relative to the reference's largest magnitude (at least 1)."""
+    assert (got.double() - want).abs().max() <= tol * max(1.0, want.abs().max().item())

@@ -5,12 +5,10 @@ import os
 import shutil
 import subprocess
 
-import numpy as np
 import pytest
 import torch
 
-from kernels.lora import lora_loop_reference
-from tests.lora_grid import CASES, DTYPES, adapters, assign, segments
+from tests.lora_grid import CASES, DTYPES, assert_close, case_id, lora_problem
 
 SOURCE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "kernels", "cuda",
                       "multi_lora.cu")
@@ -31,22 +29,17 @@ def test_kernels_compile_for_hopper_without_spills(tmp_path):
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.dtype}-r{c.rank}-{c.distribution}-n{c.rows}")
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_segmented_lora_cuda_matches_reference(case):
     pytest.importorskip("cupy")
     from kernels.cuda_lora import segmented_lora_cuda
     dtype, tol = DTYPES[case.dtype]
-    rng, gen = np.random.default_rng(case.rank), torch.Generator().manual_seed(case.rows)
-    idx = assign(case, rng)
-    ads = adapters(case, int(idx.max()) + 1, gen)
-    x = torch.randn(case.rows, case.fan_in, generator=gen)
-    y0 = torch.randn(case.rows, case.fan_out, generator=gen)
-    want = lora_loop_reference(y0.double(), x.double(), segments(idx, ads, torch.float64))
+    p = lora_problem(case)
     segs = [type(s)(s.start, s.end, s.A.cuda().contiguous(), s.B.cuda().contiguous(), s.scale)
-            for s in segments(idx, ads, dtype)]
-    got = segmented_lora_cuda(y0.to(dtype).cuda(), x.to(dtype).cuda(), segs).cpu()
+            for s in p.segments(dtype)]
+    got = segmented_lora_cuda(p.y0.to(dtype).cuda(), p.x.to(dtype).cuda(), segs).cpu()
     assert not torch.isnan(got).any()
-    assert (got.double() - want).abs().max() <= tol * max(1.0, want.abs().max().item())
+    assert_close(got, p.want, tol)
 
 
 @gpu
@@ -77,4 +70,4 @@ def test_segmented_head_cuda_matches_torch(dtype, mlp):
     for got, ref in zip(segmented_head_cuda(x.cuda(), cuda_segs), want):
         got = got.float().cpu()
         assert got.shape == ref.shape and not torch.isnan(got).any()
-        assert (got - ref).abs().max() <= 10 * tol * max(1.0, ref.abs().max().item())
+        assert_close(got, ref, 10 * tol)

@@ -1,58 +1,42 @@
 """The torch kernels of the batched forward against an fp64 reference over the grid of
 tests/lora_grid.py (dtypes x ranks x adapter distributions x odd batch sizes)."""
-import numpy as np
 import pytest
 import torch
 
 from kernels.heads import HeadSegment, segmented_head
-from kernels.lora import gathered_lora, lora_loop_reference, segmented_lora
+from kernels.lora import gathered_lora, segmented_lora
 from kernels.scaling import ScaleSegment, segmented_scale, segmented_scale_
-from tests.lora_grid import CASES, DTYPES, adapters, assign, poisoned, segments
+from tests.lora_grid import CASES, DTYPES, assert_close, case_id, lora_problem, poisoned
 
 
-def ids(case):
-    return f"{case.dtype}-r{case.rank}-{case.distribution}-n{case.rows}"
-
-
-@pytest.mark.parametrize("case", CASES, ids=ids)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_segmented_lora_matches_reference(case):
     dtype, tol = DTYPES[case.dtype]
-    rng, gen = np.random.default_rng(case.rank), torch.Generator().manual_seed(case.rows)
-    idx = assign(case, rng)
-    ads = adapters(case, int(idx.max()) + 1, gen)
-    x = torch.randn(case.rows, case.fan_in, generator=gen)
-    y0 = torch.randn(case.rows, case.fan_out, generator=gen)
-    segs = segments(idx, ads, dtype)
-    want = lora_loop_reference(y0.double(), x.double(), segments(idx, ads, torch.float64))
-    got = segmented_lora(y0.to(dtype).clone(), x.to(dtype), segs)
+    p = lora_problem(case)
+    got = segmented_lora(p.y0.to(dtype).clone(), p.x.to(dtype), p.segments(dtype))
     assert not torch.isnan(got).any()
-    assert (got.double() - want).abs().max() <= tol * max(1.0, want.abs().max().item())
+    assert_close(got, p.want, tol)
 
 
-@pytest.mark.parametrize("case", CASES, ids=ids)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_gathered_lora_matches_segmented(case):
     dtype, tol = DTYPES[case.dtype]
-    rng, gen = np.random.default_rng(case.rank + 1), torch.Generator().manual_seed(case.rows + 1)
-    idx = assign(case, rng)
-    ads = adapters(case, int(idx.max()) + 1, gen)
-    r_max = max(r for r, *_ in ads)
-    A = torch.randn(len(ads), r_max, case.fan_in, generator=gen)    # garbage padding: masked
-    B = torch.randn(len(ads), case.fan_out, r_max, generator=gen)
-    for a, (r, Aa, Ba, _) in enumerate(ads):
+    p = lora_problem(case, seed=1)
+    r_max = max(r for r, *_ in p.ads)
+    A = torch.randn(len(p.ads), r_max, case.fan_in, generator=p.gen)    # garbage padding: masked
+    B = torch.randn(len(p.ads), case.fan_out, r_max, generator=p.gen)
+    for a, (r, Aa, Ba, _) in enumerate(p.ads):
         A[a, :r], B[a, :, :r] = Aa, Ba
-    x = torch.randn(case.rows, case.fan_in, generator=gen)
-    y0 = torch.randn(case.rows, case.fan_out, generator=gen)
-    adapter = torch.from_numpy(idx.copy())           # (from_numpy would share idx's memory)
+    adapter = torch.from_numpy(p.idx.copy())         # (from_numpy would share idx's memory)
     adapter[::5] = -1                                    # rows without an adapter stay unchanged
-    want = y0.double().clone()
     keep = adapter >= 0
-    want[keep] = lora_loop_reference(
-        y0.double(), x.double(), segments(idx, ads, torch.float64))[keep]
-    got = gathered_lora(y0.to(dtype).clone(), x.to(dtype), adapter, A.to(dtype), B.to(dtype),
-                        torch.tensor([r for r, *_ in ads]),
-                        torch.tensor([s for *_, s in ads], dtype=torch.float32))
-    assert (got.double() - want).abs().max() <= tol * max(1.0, want.abs().max().item())
-    assert torch.equal(got[~keep], y0.to(dtype)[~keep])
+    want = p.y0.double().clone()
+    want[keep] = p.want[keep]
+    got = gathered_lora(p.y0.to(dtype).clone(), p.x.to(dtype), adapter, A.to(dtype), B.to(dtype),
+                        torch.tensor([r for r, *_ in p.ads]),
+                        torch.tensor([s for *_, s in p.ads], dtype=torch.float32))
+    assert_close(got, want, tol)
+    assert torch.equal(got[~keep], p.y0.to(dtype)[~keep])
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -73,7 +57,7 @@ def test_segmented_head_writes_every_row(dtype, mlp):
         want.append(torch.relu(h) @ w2.double().T + b2.double() if mlp else h)
     for got, ref in zip(segmented_head(x.to(tdt), segs), want):
         assert got.shape == ref.shape and not torch.isnan(got).any()
-        assert (got.double() - ref).abs().max() <= tol * max(1.0, ref.abs().max().item()) * 10
+        assert_close(got, ref, tol * 10)
 
 
 def test_segmented_scale_touches_only_its_segments():
