@@ -59,6 +59,14 @@ def write_json(out: str, filename: str, results: dict) -> str:
     return path
 
 
+def daemon_helper_pids(daemon_pid: int, task_pids) -> list[int]:
+    """fmplexd's descendants that are not task processes (its task zygote): their memory is the
+    daemon's, not a task's."""
+    import psutil
+    tasks = set(task_pids)
+    return [p.pid for p in psutil.Process(daemon_pid).children(recursive=True) if p.pid not in tasks]
+
+
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 

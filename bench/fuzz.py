@@ -16,18 +16,10 @@ from __future__ import annotations
 
 import os
 import sys
+import shutil
+import time
 
-# `python bench/fuzz.py` puts bench/ first on sys.path, where bench/ipc.py would shadow the `ipc`
-# package: keep the repository root first (as bench/ipc.py does).
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_ROOT = os.path.dirname(_HERE)
-sys.path[:] = [_ROOT] + [p for p in sys.path if os.path.abspath(p or os.curdir)
-                         not in (_HERE, _ROOT)] + [_HERE]
-
-import shutil  # noqa: E402
-import time  # noqa: E402
-
-import common  # noqa: E402
+import common  # first: the repository root ahead of bench/, where ipc.py would shadow `ipc`
 
 
 def main(argv=None) -> int:

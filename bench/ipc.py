@@ -11,23 +11,14 @@ The pieces live in bench/ipcbench/ (one job per module; see its __init__).
 """
 from __future__ import annotations
 
-import os
+import argparse
+import shutil
 import sys
+import tempfile
+import time
 
-# `python bench/ipc.py` puts bench/ first on sys.path, where this very file would shadow the `ipc`
-# package. Move that entry behind the repository root, so this checkout's ipc/ is measured while
-# bench/common.py and bench/ipcbench/ stay importable.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_ROOT = os.path.dirname(_HERE)
-sys.path[:] = [_ROOT] + [p for p in sys.path if os.path.abspath(p or os.curdir)
-                         not in (_HERE, _ROOT)] + [_HERE]
-
-import argparse  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import common  # noqa: E402
+import common  # first: it puts the repository root ahead of bench/, where this very file would
+# shadow the `ipc` package, and keeps bench/ (common, ipcbench) importable behind it
 from ipc import messages as M  # noqa: E402
 from ipcbench import report  # noqa: E402
 from ipcbench.children import run_child  # noqa: E402

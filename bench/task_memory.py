@@ -33,7 +33,6 @@ if HERE not in sys.path:                   # also when run through `fmplex bench
 import common  # noqa: E402
 
 import numpy as np  # noqa: E402
-import psutil  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
 from ipc import aio  # noqa: E402
@@ -124,9 +123,7 @@ def measure(client, daemon: DaemonProcess) -> dict:
         rows.append({"name": t.name, "pid": t.pid, "requests": t.requests,
                      "pss": pss_bytes(t.pid), "rss": m.get("Rss", 0),
                      "uss": m.get("Private_Clean", 0) + m.get("Private_Dirty", 0)})
-    task_pids = {t.pid for t in tasks}
-    helpers = [p.pid for p in psutil.Process(daemon.proc.pid).children(recursive=True)
-               if p.pid not in task_pids]          # the task zygote: counted with the daemon
+    helpers = common.daemon_helper_pids(daemon.proc.pid, (t.pid for t in tasks))
     daemon_pss = pss_bytes(daemon.proc.pid) + sum(pss_bytes(pid) for pid in helpers)
     pss = np.array([r["pss"] for r in rows], float)
     return {"n": len(rows), "tasks": rows, "daemon_pss": daemon_pss,

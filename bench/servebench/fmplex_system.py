@@ -83,11 +83,10 @@ class Fmplex:
         from ipc.messages import ListTasks
         with self.daemon.client() as c:
             tasks = c.control(ListTasks(ref=c.ref())).tasks
-        import psutil
+        from bench.common import daemon_helper_pids
         task_pids = [t.pid for t in tasks if t.pid]
-        helpers = [p.pid for p in psutil.Process(self.daemon.proc.pid).children(recursive=True)
-                   if p.pid not in task_pids]        # the task zygote
-        return {"daemon": [self.daemon.proc.pid], "zygote": helpers, "tasks": task_pids}
+        return {"daemon": [self.daemon.proc.pid],
+                "zygote": daemon_helper_pids(self.daemon.proc.pid, task_pids), "tasks": task_pids}
 
     def restarts(self) -> int:
         """Task process restarts the daemon counted (a sign of an unstable run)."""
