@@ -61,14 +61,16 @@ class Supervisor:
         self.log_dir = os.path.join(daemon.run_dir.path, "logs")
         state = daemon.config.state_dir or os.path.join(daemon.run_dir.path, "state")
         self.record_dir = os.path.join(state, "deployed")
+        self.env = {k: v for k, v in os.environ.items() if k not in SCRUBBED_ENV}
+        self.env["FMPLEX_RUN_DIR"] = daemon.run_dir.path          # what every child runs with
+        os.makedirs(self.log_dir, mode=0o755, exist_ok=True)
         self.zygote = None
         if daemon.config.task_zygote:
             from fmplexd.task_zygote import TaskZygote
             tokenizers = sorted({b.info.tokenizer for b in daemon.backbones.values()
                                  if b.info.tokenizer})
-            env = {k: v for k, v in os.environ.items() if k not in SCRUBBED_ENV}
-            os.makedirs(self.log_dir, mode=0o755, exist_ok=True)
-            self.zygote = TaskZygote(tokenizers, os.path.join(self.log_dir, "zygote.log"), env)
+            self.zygote = TaskZygote(tokenizers, os.path.join(self.log_dir, "zygote.log"),
+                                     self.env)
 
     async def deploy(self, spec_text: str, spec_path: str, uid: int | None) -> str:
         from tasklets.spec import parse_spec
@@ -190,9 +192,7 @@ class Supervisor:
         return path
 
     async def _start(self, child: Child) -> None:
-        os.makedirs(self.log_dir, mode=0o755, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if k not in SCRUBBED_ENV}
-        env["FMPLEX_RUN_DIR"] = self.d.run_dir.path
+        env = self.env
         uid = gid = None
         if os.getuid() == 0 and child.owner_uid != 0:
             uid, gid = child.owner_uid, _primary_gid(child.owner_uid)
