@@ -74,6 +74,7 @@ def serve(sock: socket.socket) -> int:
             data = sock.recv(MAX_MESSAGE)
             if not data:
                 return 0                    # the daemon is gone; the children live on
+            req = None                      # (not the previous request's, if this one is undecodable)
             try:
                 req = msgpack.unpackb(data)
                 reply = _spawn(req, sock, (wake_r, wake_w))

@@ -5,12 +5,16 @@ is still noticed and restarted (by pidfd, through a new zygote). With `task_zygo
 supervisor execs each task instead."""
 import os
 import signal
+import socket
+import subprocess
+import sys
 
+import msgpack
 import psutil
 import pytest
 
 from ipc.messages import Deploy, Health, ListTasks
-from tests.helpers import Daemon, short_tmpdir, write_spec
+from tests.helpers import REPO, Daemon, short_tmpdir, write_spec
 
 MB = 1 << 20
 
@@ -89,3 +93,27 @@ def test_without_the_zygote_each_task_is_execd_by_the_daemon(tiny_bert):
             assert c.infer("plain", ["exec'd"]).embeddings.shape == (1, 32)
     finally:
         d.cleanup()
+
+
+def test_the_zygote_answers_malformed_requests_and_exits_on_eof():
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    proc = subprocess.Popen([sys.executable, "-m", "tasklets.zygote", "--fd", str(theirs.fileno())],
+                            pass_fds=[theirs.fileno()], cwd=REPO)
+    theirs.close()
+    ours.settimeout(60)
+
+    def ask(data: bytes) -> dict:
+        ours.send(data)
+        return msgpack.unpackb(ours.recv(1 << 16))
+    try:
+        assert msgpack.unpackb(ours.recv(1 << 16))["ready"]
+        reply = ask(msgpack.packb({"op": "spawn", "id": 7}))          # fields missing
+        assert reply["id"] == 7 and "KeyError" in reply["error"]
+        reply = ask(b"\xc1")                                          # not msgpack at all
+        assert reply["id"] == -1 and reply["error"]                   # (not the last request's id)
+        reply = ask(msgpack.packb({"op": "reboot", "id": 8}))
+        assert reply["id"] == 8 and "unknown op" in reply["error"]
+    finally:
+        ours.close()                                                  # EOF: the zygote exits
+        proc.wait(30)
+    assert proc.returncode == 0
