@@ -83,7 +83,7 @@ class TaskZygote:
             self._replies.pop(rid, None)
         if "error" in reply:
             raise FmplexError(ErrorCode.INTERNAL, f"the task zygote could not fork: {reply['error']}")
-        return self._children[reply["pid"]]
+        return reply["proc"]
 
     async def _send_and_wait(self, request: bytes, fut: asyncio.Future) -> dict:
         """Send when the socket has room (a burst of restarts can fill it), then await the answer."""
@@ -150,8 +150,9 @@ class TaskZygote:
             if child is not None:
                 child.exited(msg["code"])
         else:
-            if "pid" in msg:
-                self._children[msg["pid"]] = ForkedProcess(msg["pid"], asyncio.get_running_loop())
+            if "pid" in msg:     # the handle travels with the answer: its exit may come first
+                msg["proc"] = self._children[msg["pid"]] = ForkedProcess(
+                    msg["pid"], asyncio.get_running_loop())
             fut = self._replies.get(msg["id"])
             if fut is not None and not fut.done():
                 fut.set_result(msg)
