@@ -35,7 +35,7 @@ def value_strategy(spec: Spec) -> st.SearchStrategy:
     if isinstance(spec, Int):
         return st.one_of(st.integers(spec.lo, spec.hi), st.sampled_from([spec.lo, spec.hi]))
     if isinstance(spec, Float):
-        return st.floats(spec.lo, spec.hi, allow_nan=False)
+        return st.floats(spec.lo, spec.hi, allow_nan=False, allow_infinity=False)   # Float: finite
     if isinstance(spec, Bool):
         return st.booleans()
     if isinstance(spec, Str):
