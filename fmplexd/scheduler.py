@@ -66,6 +66,8 @@ class _Task:
     weight: float
     limit: int
     vtime: float = 0.0
+    inv_weight: float = 1.0    # 1 / weight: form_batch multiplies
+    order: int = 0             # heap tie-break: when it last became backlogged (set by _push)
     queue: deque = field(default_factory=deque)
     queued: int = 0            # live requests in queue (expired ones may still sit in it, lazily)
     in_heap: bool = False
@@ -101,13 +103,14 @@ class Scheduler:
             raise ValueError(f"task {key} already present")
         if weight <= 0 or queue_limit < 1:
             raise ValueError("weight must be > 0 and queue_limit >= 1")
-        self._tasks[key] = _Task(key, weight, queue_limit, vtime=self._vclock)
+        self._tasks[key] = _Task(key, weight, queue_limit, vtime=self._vclock,
+                                 inv_weight=1.0 / weight)
 
     def set_weight(self, key: Hashable, weight: float, queue_limit: int | None = None) -> None:
         if weight <= 0:
             raise ValueError("weight must be > 0")
         task = self._tasks[key]
-        task.weight = weight
+        task.weight, task.inv_weight = weight, 1.0 / weight
         if queue_limit is not None:
             task.limit = queue_limit
 
@@ -219,13 +222,16 @@ class Scheduler:
         expired = self.expire(now + horizon)
         taken: list[Request] = []
         take = taken.append
-        budget, cap, heap, seq = self.token_budget, self.max_requests, self._heap, self._seq
-        vclock, n_taken = self._vclock, 0
-        while n_taken < cap and heap:
+        budget = full = self.token_budget
+        cap, heap = self.max_requests, self._heap
+        vclock, n_taken, n = self._vclock, 0, len(heap)
+        replace, pop = heapq.heapreplace, heapq.heappop
+        while n_taken < cap and n:
             task = heap[0][2]
             queued = task.queued
             if not queued:                         # idle: only expired/dropped requests were left
-                heapq.heappop(heap)
+                pop(heap)
+                n -= 1
                 task.in_heap = False
                 continue
             queue = task.queue
@@ -233,49 +239,55 @@ class Scheduler:
             while head.state:                      # not QUEUED: expired or dropped, left lazily
                 queue.popleft()
                 head = queue[0]
-            if head.cost > budget and n_taken:
+            cost = head.cost
+            if cost > budget and n_taken:
                 break
             vtime = task.vtime
             if vtime > vclock:
                 vclock = vtime
-            n = len(heap)                          # the runner-up is a child of the root
-            if n > 2:
+            if n > 2:                              # the runner-up is a child of the root
                 next_v, other = heap[1][0], heap[2][0]
                 if other < next_v:
                     next_v = other
             else:
                 next_v = heap[1][0] if n == 2 else _INF
-            weight, count, tokens = task.weight, 0, 0
-            while True:                            # this task's consecutive requests
-                queue.popleft()
-                head.state = TAKEN
-                take(head)
-                cost = head.cost
-                budget -= cost
-                tokens += cost
-                count += 1
-                vtime += cost / weight
-                if vtime > next_v or n_taken + count >= cap or count == queued:
-                    break
+            inv = task.inv_weight
+            queue.popleft()                        # the first request always fits
+            head.state = TAKEN
+            take(head)
+            budget -= cost
+            tokens, count = cost, 1
+            vtime += cost * inv
+            room = cap - n_taken                   # this task's consecutive requests
+            while vtime <= next_v and count < queued and count < room:
                 head = queue[0]
                 while head.state:
                     queue.popleft()
                     head = queue[0]
-                if head.cost > budget:
+                cost = head.cost
+                if cost > budget:
                     break
+                queue.popleft()
+                head.state = TAKEN
+                take(head)
+                budget -= cost
+                tokens += cost
+                count += 1
+                vtime += cost * inv
             n_taken += count
             task.vtime = vtime
             task.queued = queued = queued - count
             task.served_tokens += tokens
             task.served_requests += count
             if queued:                             # one sift instead of pop + push
-                heapq.heapreplace(heap, (vtime, next(seq), task))
+                replace(heap, (vtime, task.order, task))
             else:
-                heapq.heappop(heap)
+                pop(heap)
+                n -= 1
                 task.in_heap = False
         self._vclock = vclock
         self.queued -= n_taken
-        return Batch(taken, expired, self.token_budget - budget)
+        return Batch(taken, expired, full - budget)
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -285,7 +297,8 @@ class Scheduler:
             heapq.heappop(self._heap)[2].in_heap = False
 
     def _push(self, task: _Task) -> None:
-        heapq.heappush(self._heap, (task.vtime, next(self._seq), task))
+        task.order = next(self._seq)
+        heapq.heappush(self._heap, (task.vtime, task.order, task))
         task.in_heap = True
 
     @staticmethod

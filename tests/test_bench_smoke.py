@@ -13,6 +13,7 @@ BENCHES = {
     "executor": ("executor.json", {"results", "torch_threads", "kinds"}),
     "scheduler": ("scheduler.json", {"form_batch_us", "submit_us", "requests_per_batch", "goal"}),
     "fairness": ("fairness.json", {"capacity_rps", "phases", "pass", "processes_left"}),
+    "fairness_policy": ("fairness_policy.json", {"runs", "best_ratio_per_load"}),
     "ipc": ("ipc.json", {"codec", "round_trip", "import", "goals"}),
     "chaos": ("chaos.json", {"summary", "tasks", "kills"}),
     "fuzz": ("fuzz.json", {"sockets", "check"}),
