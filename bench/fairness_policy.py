@@ -19,6 +19,7 @@ below its share is served at its share, not at the whole machine's speed as in p
 """
 from __future__ import annotations
 
+import functools
 import sys
 
 import common  # first: it puts the repository's packages on sys.path
@@ -35,12 +36,19 @@ BUDGETS_MS = (20, 35, 50, 80, 120)     # batch targets swept (50 = the daemon's 
 LOADS = (0.3, 0.6)                     # 0.6 = bench/fairness.py's LOAD
 
 
+@functools.lru_cache(maxsize=None)
+def mean_tokens(seed: int) -> float:
+    """Mean request length of the workload generator (one estimate per seed, not per run)."""
+    spec = workload.WorkloadSpec(seed=seed)
+    return float(np.mean(workload.lengths(np.random.default_rng(seed), spec, 100_000)))
+
+
 def simulate(load: float, budget: int, flood: bool, tokens_per_s: float, overhead_s: float,
              duration_s: float, seed: int = 0) -> np.ndarray:
     """Latencies (s) of the quiet tasks' requests over one phase."""
     spec = workload.WorkloadSpec(seed=seed)
-    mean_tokens = float(np.mean(workload.lengths(np.random.default_rng(seed), spec, 100_000)))
-    capacity_rps = tokens_per_s / mean_tokens        # requests/s with large batches
+    mean = mean_tokens(seed)
+    capacity_rps = tokens_per_s / mean               # requests/s with large batches
     rate = load * capacity_rps / 4
     arrivals = []
     for i, task in enumerate(QUIET):
@@ -52,7 +60,7 @@ def simulate(load: float, budget: int, flood: bool, tokens_per_s: float, overhea
     s = Scheduler(token_budget=budget, max_requests=256)
     for task in QUIET + ("flood",):
         s.add_task(task, 1.0, 1 << 20)
-    flood_cost = int(round(mean_tokens))
+    flood_cost = int(round(mean))
     now, i, lat = 0.0, 0, []
     while i < len(arrivals) or any(s.task_stats(t)["queued"] for t in QUIET):
         while i < len(arrivals) and arrivals[i][0] <= now:
