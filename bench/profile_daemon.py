@@ -246,7 +246,7 @@ def profile(n_tasks: int = 16, batches: int = 40, threads: int = 0, bank=None,
         cfg = DaemonConfig()
         backbone = load_backbone("default", embedded_backbone_path())
         engine = Engine(backbone, cfg.token_budget, cfg.max_batch_requests, cfg.max_request_tokens,
-                        cfg.batch_target_ms / 1e3)
+                        cfg.batch_target_ms / 1e3, cfg.idle_credit_tokens)
         engine.warm_up()                           # as the daemon does at start (calibration)
         tasks = _Tasks(engine, bank, n_tasks)
         spec = WorkloadSpec(n_tasks=n_tasks, alpha=alpha, total_rate=1.0, duration_s=1.0)

@@ -8,6 +8,8 @@ backbone. Built once, never rewritten after construction.
     liveness_ms = 800                  # a task unheard of this long is dead
     token_budget = 4096                # tokens per batch, at most
     batch_target_ms = 50               # size batches to take about this long (0 = token_budget)
+    idle_credit_tokens = 0             # tokens a task returning from idle may bank (0 = none, the
+                                       # strict lift rule); see fmplexd.scheduler
     max_batch_requests = 256
     max_request_tokens = 16384         # per Submit; larger ones are refused as oversized
     threads = 0                        # torch intra-op threads; 0 = cores - 1 (min 1), leaving a
@@ -49,6 +51,7 @@ class DaemonConfig:
     liveness_ms: int = 800
     token_budget: int = 4096
     batch_target_ms: int = 50
+    idle_credit_tokens: int = 0
     max_batch_requests: int = 256
     max_request_tokens: int = 16384
     threads: int = 0
@@ -71,6 +74,8 @@ class DaemonConfig:
             raise ValueError("need 0 < heartbeat_ms < liveness_ms <= 60000")
         if self.token_budget < 1 or self.max_batch_requests < 1:
             raise ValueError("token_budget and max_batch_requests must be >= 1")
+        if self.idle_credit_tokens < 0:
+            raise ValueError("idle_credit_tokens must be >= 0")
 
 
 def load_config(path: str | None, **overrides) -> DaemonConfig:

@@ -51,7 +51,8 @@ class Daemon:
             path = embedded_backbone_path() if b.path == "embedded" else b.path
             self.backbones[b.name] = load_backbone(b.name, path, b.dtype)
         self.engines = {name: Engine(bb, config.token_budget, config.max_batch_requests,
-                                     config.max_request_tokens, config.batch_target_ms / 1e3)
+                                     config.max_request_tokens, config.batch_target_ms / 1e3,
+                                     config.idle_credit_tokens)
                         for name, bb in self.backbones.items()}
         for name, engine in self.engines.items():
             engine.warm_up()

@@ -42,9 +42,9 @@ class Engine:
     MIN_BUDGET = 32
 
     def __init__(self, backbone: Backbone, token_budget: int, max_requests: int,
-                 max_request_tokens: int, batch_target_s: float = 0.0):
+                 max_request_tokens: int, batch_target_s: float = 0.0, idle_credit: int = 0):
         self.backbone = backbone
-        self.scheduler = Scheduler(token_budget, max_requests)
+        self.scheduler = Scheduler(token_budget, max_requests, idle_credit)
         self.executor = Executor(Encoder(backbone.config, backbone.weights))
         self.max_request_tokens = max_request_tokens
         self.max_budget, self.batch_target_s = token_budget, batch_target_s

@@ -3,9 +3,16 @@ the caller passes `now`).
 
 Model. Each task i has a weight w_i, a bounded FIFO queue and a virtual time v_i = (tokens served to
 i) / w_i plus lifts. Serving a request of cost c (its tokens) advances v_i by c / w_i. A task that
-becomes backlogged starts at max(v_i, V), where V is the minimum virtual time of the backlogged tasks
-(or, when none is backlogged, the virtual time of the last task served), so an idle task banks no
-credit. This is start-time fair queueing (SFQ, Goyal et al. 1996) with token costs.
+becomes backlogged starts at max(v_i, V), where V is the minimum virtual time of the backlogged
+tasks (or, when none is backlogged, F: the largest virtual time a task had when it was served), so
+an idle task banks no credit. This is start-time fair queueing (SFQ, Goyal et al. 1996) with token
+costs, and the default.
+
+Bounded idle credit (`idle_credit` = K tokens > 0, off by default): a task that becomes backlogged
+starts at max(v_i, max(V, F) - K / w_i) instead, so it banks at most K tokens however long it was
+idle (like FQ-CoDel's priority for sparse flows). F is monotonic and V >= F without credit, so
+credits measured from max(V, F) never chain. A task running below its share (a quiet one) then has
+its next request served ahead of a continuously backlogged neighbour instead of in turn with it.
 
 Batch formation fills a token budget by repeatedly taking the backlogged task with the least
 virtual time (inter-task batching) and, while it is still the least served, its consecutive
@@ -19,6 +26,8 @@ formations, the normalised service they receive in it differs by at most one max
 where S is tokens served in the interval and C the largest request cost of that task. (Each charge
 goes to a task with minimal virtual time, and a task overshoots the next smallest by less than one
 of its requests.) Over a saturated run the served-token shares therefore converge to the weights.
+The bound holds for any K: tasks backlogged throughout an interval never re-enter it. A task that
+became backlogged at the interval's start may lead by K / w_i more (its banked credit).
 
 Deadlines: a request whose deadline has passed is removed by `expire` (also run at the start of
 `form_batch`) and returned to the caller, in deadline order (ties in submission order), which answers
@@ -85,8 +94,11 @@ class Batch:
 
 
 class Scheduler:
-    def __init__(self, token_budget: int = 4096, max_requests: int = 256):
+    def __init__(self, token_budget: int = 4096, max_requests: int = 256, idle_credit: float = 0.0):
+        if idle_credit < 0:
+            raise ValueError("idle_credit must be >= 0")
         self.token_budget, self.max_requests = token_budget, max_requests
+        self.idle_credit = float(idle_credit)              # K: tokens a returning task may bank
         self._tasks: dict[Hashable, _Task] = {}
         self._heap: list[tuple[float, int, _Task]] = []     # backlogged tasks by virtual time
         self._buckets: dict[float, list[Request]] = {}     # deadline bucket -> its requests
@@ -160,6 +172,8 @@ class Scheduler:
         if not task.in_heap:
             self._drop_idle_top()
             lift = self._heap[0][0] if self._heap else self._vclock
+            if self.idle_credit:             # from the served frontier: credits do not chain
+                lift = max(lift, self._vclock) - self.idle_credit * task.inv_weight
             task.vtime = max(task.vtime, lift)
             self._push(task)
 

@@ -90,6 +90,73 @@ def test_new_task_starts_at_min_backlogged_virtual_time():
     assert s.task_stats("c")["vtime"] == vmin
 
 
+def _order_after_return(credit: float, weight: float) -> list:
+    """busy runs alone for 100 batches while late idles; then late returns backlogged and both
+    stay backlogged for 60 single-request batches (32 tokens each). Who was served, in order."""
+    s = Scheduler(token_budget=32, max_requests=1, idle_credit=credit)
+    s.add_task("busy", 1.0, 10_000)
+    s.add_task("late", weight, 10_000)
+    fill(s, "busy", 400, cost=32)
+    for _ in range(100):
+        s.form_batch(0.0)
+    fill(s, "late", 100, cost=32)
+    return [s.form_batch(0.0).requests[0].task for _ in range(60)]
+
+
+def _first_run(order: list) -> int:
+    """Tokens late got before busy was served again."""
+    return 32 * order.index("busy")
+
+
+@pytest.mark.parametrize("credit,weight", [(128, 1.0), (256, 2.0), (96, 0.5)])
+def test_idle_credit_is_banked_up_to_its_bound_and_no_more(credit, weight):
+    """A task back from a long idle spell runs ahead of its backlogged neighbour for its credit
+    (tokens) more than without credit, not for all it missed; then it shares by weight again."""
+    order, base = _order_after_return(credit, weight), _order_after_return(0, weight)
+    extra = _first_run(order) - _first_run(base)
+    assert credit - 32 <= extra <= credit + 32, (order, base)    # one request of slack
+    rest = order[order.index("busy"):][-30:]                     # after the credit is spent
+    assert abs(rest.count("late") / rest.count("busy") - weight) <= 0.25 * weight + 0.1, rest
+
+
+def test_idle_credit_does_not_chain_over_returning_tasks():
+    """Several tasks returning one after another each bank at most K below the served frontier,
+    not K below the previous returner (credits measured from the heap minimum would stack)."""
+    k = 64
+    s = Scheduler(token_budget=32, max_requests=1, idle_credit=k)
+    s.add_task("busy", 1.0, 10_000)
+    fill(s, "busy", 200, cost=32)
+    for _ in range(50):
+        s.form_batch(0.0)
+    frontier = s.task_stats("busy")["vtime"] - 32       # the start tag of its last request served
+    for name in "abcdef":
+        s.add_task(name, 1.0, 100)
+        fill(s, name, 1, cost=32)
+        assert s.task_stats(name)["vtime"] >= frontier - k - 1e-9, name
+
+
+def test_idle_credit_keeps_weighted_shares_under_saturation():
+    s = Scheduler(token_budget=256, max_requests=64, idle_credit=4096)
+    weights = {"a": 1.0, "b": 2.0, "c": 4.0}
+    for key, w in weights.items():
+        s.add_task(key, w, 10_000)
+    tokens = dict.fromkeys(weights, 0)
+    for _ in range(2000):
+        for key in weights:
+            while s.task_stats(key)["queued"] < 20:
+                s.submit(Request(key, 32, 1e9))
+        for r in s.form_batch(0.0).requests:
+            tokens[r.task] += r.cost
+    total, wsum = sum(tokens.values()), sum(weights.values())
+    for key, w in weights.items():
+        assert abs(tokens[key] / total - w / wsum) / (w / wsum) < 0.05, tokens
+
+
+def test_negative_idle_credit_is_refused():
+    with pytest.raises(ValueError, match="idle_credit"):
+        Scheduler(idle_credit=-1)
+
+
 def test_expired_requests_are_returned_and_never_batched():
     s = Scheduler(token_budget=1000, max_requests=100)
     s.add_task("t", 1.0, 100)
