@@ -12,6 +12,10 @@ asyncio), so that the flooder's client does not share an interpreter with the qu
   phase A   tasks q0..q2 each offered Poisson arrivals at LOAD * C / 4 (open loop), q3 idle
   phase B   the same arrivals (same seeds), plus q3 ("flood") offered FLOOD x its share
 Latency is measured from each request's scheduled arrival to its reply (no coordinated omission).
+One daemon per entry of POLICIES, one after the other, differing only in the scheduler's settings:
+fmplexd's defaults (the strict lift rule, batch_target_ms = 50), bounded idle credit
+(idle_credit_tokens = 512), and that with shorter batches. All get the arrivals of the first's
+capacity, so the policies are compared on the same requests.
 Texts come from bench/workload.py (the shared workload generator): one text per request, lengths
 lognormal (median 20 tokens).
 """
@@ -39,6 +43,11 @@ FLOOD = 20                    # the flooder's offered rate, in fair shares
 GOAL = 1.3
 DEPTH = 16                    # requests in flight per task while measuring capacity
 QUIET_TIMEOUT_S = 10.0
+POLICIES = (                  # (name, fmplexd.toml lines) of the daemons compared, in turn
+    ("default", ""),
+    ("K=512", "idle_credit_tokens = 512"),
+    ("K=512, 20 ms", "idle_credit_tokens = 512\nbatch_target_ms = 20"),
+)
 FLOOD_TIMEOUT_S = 2.0
 
 
@@ -219,28 +228,23 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def main() -> int:
-    args = common.parser(__doc__).parse_args()
-    out = common.out_dir(args.out, "fairness")
-    cap_s, phase_s = (1.5, 3.0) if args.quick else (8.0, 30.0)
-    work = short_tmpdir("fmx-fair-")
-    if args.quick:
-        from fmplexd.tiny import write_tiny
-        backbone, label = write_tiny(os.path.join(work, "tiny")), "tiny bert (fmplexd.tiny)"
-    else:
-        backbone, label = "embedded", "all-MiniLM-L6-v2 (embedded)"
-    d = DaemonProcess(backbone)
+def run_policy(backbone: str, work: str, policy: tuple[str, str], cap_s: float, phase_s: float,
+               capacity: float | None) -> dict:
+    """One daemon configured by policy = (name, toml): its capacity (unless given, so that all
+    policies see the same arrivals), then phases A and B."""
+    name, toml = policy
+    d = DaemonProcess(backbone, config=toml)
     pids: set[int] = set()
     try:
         d.start()
         deploy_all(d, work)
         pids.update(s["pid"] for s in daemon_stats(d).values())
-        # Capacity: every task closed-loop.
-        cap = run_clients(d.run_dir, {t: (None, texts_for(i, 256, 0), QUIET_TIMEOUT_S)
-                                      for i, t in enumerate(TASKS)}, cap_s)
-        capacity = sum(k == "ok" for o in cap.values() for k, _ in o) / cap_s
+        if capacity is None:                       # every task closed-loop
+            cap = run_clients(d.run_dir, {t: (None, texts_for(i, 256, 0), QUIET_TIMEOUT_S)
+                                          for i, t in enumerate(TASKS)}, cap_s)
+            capacity = sum(k == "ok" for o in cap.values() for k, _ in o) / cap_s
         share = LOAD * capacity / len(TASKS)
-        print(f"capacity {capacity:.1f} req/s; quiet tasks at {share:.1f} req/s each",
+        print(f"{name}: capacity {capacity:.1f} req/s; quiet tasks at {share:.1f} req/s each",
               file=sys.stderr, flush=True)
         quiet = {t: (*arrivals(i, share, phase_s), QUIET_TIMEOUT_S)
                  for i, t in enumerate(TASKS[:3])}
@@ -253,36 +257,63 @@ def main() -> int:
             pids.update(s["pid"] for s in after.values())
             phases[phase] = {t: {**summarise(res[t], phase_s, len(plans[t][0]) / phase_s),
                                  **daemon_delta(before[t], after[t])} for t in plans}
-            print(f"phase {phase}: " + ", ".join(f"{t} p99 {r['p99_ms']:.1f} ms"
-                                                 for t, r in phases[phase].items()),
-                  file=sys.stderr, flush=True)
+            print(f"{name} phase {phase}: " + ", ".join(
+                f"{t} p99 {r['p99_ms']:.1f} ms" for t, r in phases[phase].items()),
+                file=sys.stderr, flush=True)
     finally:
         d.cleanup()
-        shutil.rmtree(work, ignore_errors=True)
-    left = sorted(p for p in pids if p and _alive(p))
-    verdicts = {t: phases["B"][t]["p99_ms"] <= GOAL * phases["A"][t]["p99_ms"] for t in TASKS[:3]}
-    common.write_json(out, "fairness.json", {
-        "backbone": label, "quick": args.quick, "seed": SEED, "load": LOAD, "flood_shares": FLOOD,
-        "goal_p99_ratio": GOAL, "capacity_rps": capacity, "capacity_s": cap_s, "phase_s": phase_s,
-        "share_rps": share, "phases": phases, "pass": verdicts, "task_pids": sorted(pids),
-        "processes_left": left})
-    rows = []
+    pass_ = {t: phases["B"][t]["p99_ms"] <= GOAL * phases["A"][t]["p99_ms"] for t in TASKS[:3]}
+    return {"policy": name, "config": toml, "capacity_rps": capacity, "share_rps": share,
+            "phases": phases, "pass": pass_, "task_pids": sorted(pids)}
+
+
+def rows_of(run: dict) -> list[list[str]]:
+    phases, rows = run["phases"], []
     for t in TASKS:
         a, b = phases["A"].get(t), phases["B"][t]
         errors = "; ".join(f"{ph}: {failures(r)}" for ph, r in (("A", a), ("B", b))
                            if r is not None and failures(r))
         rows.append([
-            t, f"{a['offered_rps'] if a else 0:.1f} / {b['offered_rps']:.1f}",
+            run["policy"], t,
+            f"{a['offered_rps'] if a else 0:.1f} / {b['offered_rps']:.1f}",
             f"{a['completed_rps'] if a else 0:.1f} / {b['completed_rps']:.1f}",
             f"{a['p50_ms']:.1f} / {a['p99_ms']:.1f}" if a else "-", _ms(b),
             f"{b['p99_ms'] / a['p99_ms']:.2f}x" if a else "-",
-            common.verdict(verdicts[t]) if a else "(flooder)", errors or "none"])
+            common.verdict(run["pass"][t]) if a else "(flooder)", errors or "none"])
+    return rows
+
+
+def main() -> int:
+    args = common.parser(__doc__).parse_args()
+    out = common.out_dir(args.out, "fairness")
+    cap_s, phase_s = (1.5, 3.0) if args.quick else (8.0, 30.0)
+    work = short_tmpdir("fmx-fair-")
+    if args.quick:
+        from fmplexd.tiny import write_tiny
+        backbone, label = write_tiny(os.path.join(work, "tiny")), "tiny bert (fmplexd.tiny)"
+    else:
+        backbone, label = "embedded", "all-MiniLM-L6-v2 (embedded)"
+    runs, capacity = [], None
+    try:
+        for policy in POLICIES:
+            runs.append(run_policy(backbone, work, policy, cap_s, phase_s, capacity))
+            capacity = runs[0]["capacity_rps"]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    left = sorted(p for r in runs for p in r["task_pids"] if p and _alive(p))
+    common.write_json(out, "fairness.json", {
+        "backbone": label, "quick": args.quick, "seed": SEED, "load": LOAD, "flood_shares": FLOOD,
+        "goal_p99_ratio": GOAL, "capacity_s": cap_s, "phase_s": phase_s, "runs": runs,
+        "processes_left": left})
     m = common.machine()
-    common.print_table(["task", "offered req/s A / B", "completed req/s A / B", "A p50 / p99 ms",
-                        "B p50 / p99 ms", "p99 B/A", f"p99 B <= {GOAL}x A", "failed requests, restarts"], rows,
+    common.print_table(["policy", "task", "offered req/s A / B", "completed req/s A / B",
+                        "A p50 / p99 ms", "B p50 / p99 ms", "p99 B/A", f"p99 B <= {GOAL}x A",
+                        "failed requests, restarts"], [r for run in runs for r in rows_of(run)],
                        title=f"fairness: {label}, capacity {capacity:.1f} req/s, quiet share "
-                             f"{share:.1f} req/s, flooder {FLOOD}x; load {m['loadavg_1m']} on "
-                             f"{m['cpus']} cpus; processes left: {len(left)}")
+                             f"{runs[0]['share_rps']:.1f} req/s, flooder {FLOOD}x; K = "
+                             f"idle_credit_tokens, 20 ms = batch_target_ms; "
+                             f"load {m['loadavg_1m']} on {m['cpus']} cpus; processes left: "
+                             f"{len(left)}")
     return 0
 
 

@@ -12,7 +12,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHES = {
     "executor": ("executor.json", {"results", "torch_threads", "kinds"}),
     "scheduler": ("scheduler.json", {"form_batch_us", "submit_us", "requests_per_batch", "goal"}),
-    "fairness": ("fairness.json", {"capacity_rps", "phases", "pass", "processes_left"}),
+    "fairness": ("fairness.json", {"runs", "phase_s", "processes_left"}),
     "fairness_policy": ("fairness_policy.json", {"runs", "best_ratio_per_load"}),
     "ipc": ("ipc.json", {"codec", "round_trip", "import", "goals"}),
     "chaos": ("chaos.json", {"summary", "tasks", "kills"}),
@@ -47,8 +47,10 @@ def test_quick_run_writes_json_and_prints_a_table_last(name, tmp_path):
     assert set(table[1]) <= set("|-: "), table[1]          # the header separator
     widths = {line.count("|") for line in table}
     assert len(widths) == 1, table                           # every row has the header's columns
-    if name == "fairness":
+    if name == "fairness":                                   # both policies ran both phases
         assert data["processes_left"] == []
+        assert [r["policy"] for r in data["runs"]] == ["default", "K=512", "K=512, 20 ms"]
+        assert all(set(r["phases"]) == {"A", "B"} for r in data["runs"]), data["runs"]
     if name == "chaos":                                      # the guarantee holds in a short run
         s = data["summary"]
         assert s["kills"] > 0 and s["lost"] == s["hung"] == s["wrong"] == 0 and \
