@@ -229,12 +229,14 @@ def _alive(pid: int) -> bool:
 
 
 def run_policy(backbone: str, work: str, policy: tuple[str, str], cap_s: float, phase_s: float,
-               capacity: float | None) -> dict:
+               capacity: float | None, out: str) -> dict:
     """One daemon configured by policy = (name, toml): its capacity (unless given, so that all
-    policies see the same arrivals), then phases A and B."""
+    policies see the same arrivals), then phases A and B. If a task was restarted, the daemon's
+    and tasks' logs are kept in out/fairness-restarts-{index of the policy}.log."""
     name, toml = policy
     d = DaemonProcess(backbone, config=toml)
     pids: set[int] = set()
+    phases: dict[str, dict] = {}
     try:
         d.start()
         deploy_all(d, work)
@@ -249,7 +251,6 @@ def run_policy(backbone: str, work: str, policy: tuple[str, str], cap_s: float, 
         quiet = {t: (*arrivals(i, share, phase_s), QUIET_TIMEOUT_S)
                  for i, t in enumerate(TASKS[:3])}
         flood = {TASKS[3]: (*arrivals(3, FLOOD * share, phase_s), FLOOD_TIMEOUT_S)}
-        phases = {}
         for phase, plans in (("A", quiet), ("B", {**quiet, **flood})):
             before = daemon_stats(d)
             res = run_clients(d.run_dir, plans, phase_s)
@@ -261,6 +262,10 @@ def run_policy(backbone: str, work: str, policy: tuple[str, str], cap_s: float, 
                 f"{t} p99 {r['p99_ms']:.1f} ms" for t, r in phases[phase].items()),
                 file=sys.stderr, flush=True)
     finally:
+        if any(r.get("restarts") for ph in phases.values() for r in ph.values()):
+            with open(os.path.join(out, f"fairness-restarts-{POLICIES.index(policy)}.log"),
+                      "w") as f:
+                f.write(d.logs(tail=50_000))
         d.cleanup()
     pass_ = {t: phases["B"][t]["p99_ms"] <= GOAL * phases["A"][t]["p99_ms"] for t in TASKS[:3]}
     return {"policy": name, "config": toml, "capacity_rps": capacity, "share_rps": share,
@@ -296,7 +301,7 @@ def main() -> int:
     runs, capacity = [], None
     try:
         for policy in POLICIES:
-            runs.append(run_policy(backbone, work, policy, cap_s, phase_s, capacity))
+            runs.append(run_policy(backbone, work, policy, cap_s, phase_s, capacity, out))
             capacity = runs[0]["capacity_rps"]
     finally:
         shutil.rmtree(work, ignore_errors=True)
