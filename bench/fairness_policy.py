@@ -116,12 +116,12 @@ def simulate_priority(load: float, budget: int, flood: bool, tokens_per_s: float
     return np.array(lat)
 
 
-def p99_ratio(run, *args) -> tuple[float, float, float, float]:
-    """(A p50, A p99, B p99, B p99 / A p99) in ms of one policy: run(flood, *args)."""
-    a, b = (run(*args[:2], flood, *args[2:]) * 1e3 for flood in (False, True))
-    pa = np.percentile(a, [50, 99])
-    pb = float(np.percentile(b, 99))
-    return float(pa[0]), float(pa[1]), pb, pb / pa[1]
+def p99_ratio(run) -> dict:
+    """Phases A and B of one policy, run(flood=...) giving latencies in s: p50/p99 in ms, ratio."""
+    a, b = (run(flood=flood) * 1e3 for flood in (False, True))
+    pa50, pa99 = (float(x) for x in np.percentile(a, [50, 99]))
+    pb99 = float(np.percentile(b, 99))
+    return {"A_p50_ms": pa50, "A_p99_ms": pa99, "B_p99_ms": pb99, "p99_ratio": pb99 / pa99}
 
 
 def main() -> int:
@@ -138,13 +138,12 @@ def main() -> int:
         for ms in BUDGETS_MS:
             budget = max(1, int(tps * ms / 1e3))
             r = {"load": load, "batch_target_ms": ms, "budget_tokens": budget}
-            for name, run, extra in (("sfq", simulate, {}),
-                                     ("credit", simulate, {"credit": CREDIT}),
-                                     ("priority", simulate_priority, {})):
-                pa50, pa99, pb99, ratio = p99_ratio(
-                    functools.partial(run, **extra), load, budget, tps, ovh, duration)
-                r[name] = {"A_p50_ms": pa50, "A_p99_ms": pa99, "B_p99_ms": pb99,
-                           "p99_ratio": ratio}
+            for name, run in (("sfq", simulate),
+                              ("credit", functools.partial(simulate, credit=CREDIT)),
+                              ("priority", simulate_priority)):
+                r[name] = p99_ratio(functools.partial(
+                    run, load=load, budget=budget, tokens_per_s=tps, overhead_s=ovh,
+                    duration_s=duration))
             results.append(r)
             sfq = r["sfq"]
             rows.append([f"{load:g}", f"{ms} ms ({budget} tokens)",

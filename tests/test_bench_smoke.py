@@ -47,7 +47,7 @@ def test_quick_run_writes_json_and_prints_a_table_last(name, tmp_path):
     assert set(table[1]) <= set("|-: "), table[1]          # the header separator
     widths = {line.count("|") for line in table}
     assert len(widths) == 1, table                           # every row has the header's columns
-    if name == "fairness":                                   # both policies ran both phases
+    if name == "fairness":                                   # every policy ran both phases
         assert data["processes_left"] == []
         assert [r["policy"] for r in data["runs"]] == ["default", "K=512", "K=512, 20 ms"]
         assert all(set(r["phases"]) == {"A", "B"} for r in data["runs"]), data["runs"]
