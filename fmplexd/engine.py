@@ -1,145 +1,147 @@
-"""One backbone's serving engine: validate a Submit into a scheduler request, turn a formed batch
-into executor work items (pinning each task's extension version), and account the results.
+"""The engine: the only door to scheduling and execution, for every backbone the daemon hosts.
 
-The engine owns no sockets: the daemon's loop feeds it arrivals and sends what it returns.
+Callers add and remove tasks, admit requests, and drive the loop with three calls:
+    work = engine.next_work(now)      expire what is late, form the next batch or iteration (the
+                                      backbone whose least-served task is due, of any family)
+    outputs = engine.run(work)        in a worker thread: one forward of that backbone's executor
+    deliveries = engine.finish(work, outputs, t0, t1)      messages for the tasks
+The engine owns no sockets and no clock: it returns Deliveries, and the daemon sends them.
+One Scheduler holds the tasks of all backbones (one group per backbone, priced by measured
+throughput), so a task's weight is its share of the device whatever its family.
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
+import logging
+from typing import Hashable
 
-import numpy as np
-
-from fmplexd.backbone import Backbone
-from fmplexd.encoder import Encoder
-from fmplexd.executor import Executor, WorkItem
-from fmplexd.registry import TaskEntry
-from fmplexd.scheduler import Batch, Request, Scheduler
-from fmplexd.slots import ExtensionView
+from fmplexd.families import runner_for
+from fmplexd.families.base import Backbone, Delivery, Pending, Runner, TaskRef, Work
+from fmplexd.scheduler import Request, Scheduler
 from ipc.errors import ErrorCode, FmplexError
-from ipc.messages import ExtensionSpec, HeadInput, Output, Submit, TaskState
+from ipc.messages import BackboneInfo, Error, Message
 
-
-@dataclass(slots=True, eq=False)
-class Pending:
-    """A queued Submit: who sent it (session + identity), what it asks, and when it arrived."""
-    entry: TaskEntry
-    session: int
-    identity: bytes
-    msg: Submit
-    arrival: float
-    view: ExtensionView | None = None
+log = logging.getLogger("fmplexd.engine")
+REPRICE = 0.1               # re-price a backbone when its throughput moved by more than this
 
 
 class Engine:
-    """Batches are sized to take about `batch_target_s` (0 = always the fixed `token_budget`):
-    the budget follows the measured throughput (an EWMA of tokens/s over batches that filled at
-    least half their budget), between MIN_BUDGET and `token_budget`. A forward cannot be
-    interrupted, so the batch time bounds how long a newly arrived request of a quiet task waits
-    behind a busy neighbour; on a GPU the measured throughput makes the same target allow large
-    batches."""
+    def __init__(self, backbones: dict[str, Backbone], settings):
+        """`settings`: the daemon's config (token_budget, max_batch_requests, batch_target_ms,
+        max_request_tokens, idle_credit_tokens)."""
+        self.backbones = backbones
+        self.scheduler = Scheduler(settings.token_budget, settings.max_batch_requests,
+                                   settings.idle_credit_tokens)
+        self.runners: dict[str, Runner] = {name: runner_for(bb, settings)
+                                           for name, bb in backbones.items()}
+        self._prices: dict[str, float] = {}
 
-    MIN_BUDGET = 32
+    # -- backbones ------------------------------------------------------------------------------
 
-    def __init__(self, backbone: Backbone, token_budget: int, max_requests: int,
-                 max_request_tokens: int, batch_target_s: float = 0.0, idle_credit: int = 0):
-        self.backbone = backbone
-        self.scheduler = Scheduler(token_budget, max_requests, idle_credit)
-        self.executor = Executor(Encoder(backbone.config, backbone.weights))
-        self.max_request_tokens = max_request_tokens
-        self.max_budget, self.batch_target_s = token_budget, batch_target_s
-        self.tokens_per_s = 0.0
+    def warm_up(self) -> None:
+        """A throw-away forward per backbone; calibrates batch budgets and prices."""
+        for name, runner in self.runners.items():
+            runner.warm_up()
+            log.info("backbone %s (%s): %.0f tokens/s at start, batch budget %d tokens", name,
+                     runner.backbone.family.value, runner.pacer.tokens_per_s, runner.pacer.budget)
+        self._reprice(force=True)
 
-    def warm_up(self, tokens: int = 256) -> None:
-        """One throw-away forward (first calls are slow) that also calibrates the budget."""
-        view = ExtensionView(0, ExtensionSpec(), [], [], None, None)
-        n = max(1, tokens // 32)
-        item = WorkItem(view, Output.POOLED, np.full(32 * n, 1000, np.int32), [32] * n)
-        self.executor.run([item])
-        t0 = time.perf_counter()
-        self.executor.run([item])
-        self.tokens_per_s = 32 * n / max(time.perf_counter() - t0, 1e-6)
-        self._set_budget()
+    def infos(self) -> list[BackboneInfo]:
+        return [bb.info for bb in self.backbones.values()]
 
-    def observe(self, tokens: int, seconds: float) -> None:
-        """A batch of `tokens` took `seconds`: update the throughput estimate and the budget."""
-        if seconds > 0 and tokens >= self.scheduler.token_budget // 2:
-            rate = tokens / seconds
-            self.tokens_per_s = rate if not self.tokens_per_s else 0.8 * self.tokens_per_s + 0.2 * rate
-            self._set_budget()
+    def info(self, backbone: str) -> BackboneInfo:
+        bb = self.backbones.get(backbone)
+        if bb is None:
+            raise FmplexError(ErrorCode.INVALID_INPUT, f"no backbone named {backbone!r} "
+                              f"(have {sorted(self.backbones)})")
+        return bb.info
 
-    def horizon(self) -> float:
-        """Expected duration of the next full batch (for deadline checks)."""
-        return self.scheduler.token_budget / self.tokens_per_s if self.tokens_per_s else 0.0
+    # -- tasks ----------------------------------------------------------------------------------
 
-    def _set_budget(self) -> None:
-        if self.batch_target_s and self.tokens_per_s:
-            budget = int(self.tokens_per_s * self.batch_target_s)
-            self.scheduler.token_budget = max(self.MIN_BUDGET, min(self.max_budget, budget))
+    def add_task(self, session: int, backbone: str, weight: float, queue_limit: int) -> None:
+        self.info(backbone)
+        self.scheduler.add_task(session, weight, queue_limit, group=backbone)
 
-    def admit(self, entry: TaskEntry, identity: bytes, msg: Submit, now: float) -> None:
-        """Validate and queue a Submit; raises FmplexError (invalid input, oversized, overloaded)."""
-        if entry.state is not TaskState.READY or entry.slot.active is None:
-            raise FmplexError(ErrorCode.NOT_REGISTERED,
-                              f"task {entry.name} has not committed an extension yet")
-        cfg, view = self.backbone.config, entry.slot.active
-        _check_ids(msg, cfg.vocab, cfg.type_vocab)
-        limit = cfg.max_positions - view.prompt_tokens
-        longest = max(msg.lengths)
-        if longest > limit:
-            raise FmplexError(ErrorCode.OVERSIZED, f"a sequence of {longest} tokens exceeds the "
-                              f"{limit} positions left by backbone {self.backbone.name}")
-        cost = int(len(msg.ids)) + view.prompt_tokens * len(msg.lengths)
-        if cost > self.max_request_tokens:
-            raise FmplexError(ErrorCode.OVERSIZED, f"request of {cost} tokens exceeds the "
-                              f"daemon's limit of {self.max_request_tokens}")
-        _check_output(msg.output, view)
-        deadline_ms = msg.deadline_ms or entry.config.deadline_ms
-        pending = Pending(entry, entry.session, identity, msg, now)
-        self.scheduler.submit(Request(entry.session, cost, now + deadline_ms / 1e3, pending, now))
+    def remove_task(self, session: int) -> list[Pending]:
+        """Forget a session's task; returns its queued requests (to be answered by the caller)."""
+        if session not in self.scheduler:
+            return []
+        return [r.payload for r in self.scheduler.remove_task(session) if r.payload is not None]
 
-    def work(self, batch: Batch) -> tuple[list[WorkItem], list[Pending]]:
-        """Work items for a batch; each pins its task's active extension version."""
-        items, pendings = [], []
-        for req in batch.requests:
-            p: Pending = req.payload
-            # A taken request stays in the scheduler's deadline bucket until its deadline (lazy
-            # removal): drop the payload, which holds the Submit and its zero-copy frames (each
-            # pins a libzmq receive buffer of ~8 KB), or memory grows by rate x deadline.
-            req.payload = None
-            view = p.entry.slot.active
-            if p.entry.session != p.session or view is None:   # task re-registered meanwhile
-                continue
-            view.in_flight += 1
-            p.view = view
-            m = p.msg
-            items.append(WorkItem(view, m.output, m.ids, m.lengths, m.type_ids))
-            pendings.append(p)
-        return items, pendings
+    def task_stats(self, session: int) -> dict:
+        if session not in self.scheduler:
+            return {"queued": 0, "served_tokens": 0, "overloaded": 0}
+        return self.scheduler.task_stats(session)
+
+    @property
+    def queued(self) -> int:
+        return self.scheduler.queued
+
+    def admit(self, task: TaskRef, msg: Message, now: float) -> None:
+        """Validate a request with its backbone's runner and queue it; raises FmplexError
+        (invalid input, oversized, overloaded, not a request of that backbone's family)."""
+        runner = self.runners[task.config.backbone]
+        if type(msg) not in runner.accepts:
+            raise FmplexError(ErrorCode.INVALID_INPUT, f"{msg.TYPE} is not a request of backbone "
+                              f"{runner.backbone.name} ({runner.backbone.family.value})")
+        deadline_ms = getattr(msg, "deadline_ms", 0) or task.config.deadline_ms
+        self.scheduler.submit(runner.admit(task, msg, now, now + deadline_ms / 1e3))
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def expire(self, now: float) -> list[Delivery]:
+        """Timeouts for queued requests whose deadline passed."""
+        return _timeouts(self.scheduler.expire(now))
+
+    def next_work(self, now: float) -> tuple[Work | None, list[Delivery]]:
+        """The next unit of work (None if there is nothing to run) and the timeouts found."""
+        late: list[Delivery] = []
+        for group in self._due(now):
+            work = self.runners[group].form(self.scheduler, group, now)
+            late += _timeouts(work.expired) if work is not None else []
+            if work is not None and work.items:
+                return work, late
+            if work is not None:
+                work.runner.release(work)
+        return None, late
+
+    def run(self, work: Work) -> list:
+        """In a worker thread: the forward."""
+        return work.runner.run(work)
+
+    def finish(self, work: Work, outputs, t0: float, t1: float) -> list[Delivery]:
+        """Unpin the work's extension versions and turn its outputs (or the FmplexError that
+        failed it) into deliveries."""
+        work.runner.release(work)
+        deliveries = work.runner.finish(work, outputs, t0, t1)
+        self._reprice()
+        return deliveries
+
+    def _due(self, now: float) -> list[Hashable]:
+        """Backbones with work, the one whose least-served task is due first."""
+        order = self.scheduler.backlogged_groups()
+        return order + [g for g, r in self.runners.items() if g not in order and r.busy()]
+
+    def _reprice(self, force: bool = False) -> None:
+        """Price each backbone's cost units by its measured device time per token, relative to
+        the first backbone, so virtual time counts device time across backbones."""
+        rates = {g: r.pacer.tokens_per_s for g, r in self.runners.items()}
+        ref = next(iter(rates.values()), 0.0)
+        if not ref:
+            return
+        for g, rate in rates.items():
+            price = ref / rate if rate else 1.0
+            old = self._prices.get(g)
+            if force or old is None or abs(price - old) > REPRICE * old:
+                self._prices[g] = price
+                self.scheduler.set_price(g, price)
 
 
-def release(pendings: list[Pending]) -> None:
-    for p in pendings:
-        p.view.in_flight -= 1
-
-
-def _check_ids(msg: Submit, vocab: int, type_vocab: int) -> None:
-    if sum(msg.lengths) != len(msg.ids):
-        raise FmplexError(ErrorCode.INVALID_INPUT,
-                          f"lengths sum to {sum(msg.lengths)} but {len(msg.ids)} ids were sent")
-    if len(msg.ids) and (int(msg.ids.min()) < 0 or int(msg.ids.max()) >= vocab):
-        raise FmplexError(ErrorCode.INVALID_INPUT, f"token ids must lie in [0, {vocab})")
-    t = msg.type_ids
-    if t is not None:
-        if len(t) != len(msg.ids):
-            raise FmplexError(ErrorCode.INVALID_INPUT, "type_ids and ids differ in length")
-        if len(t) and (int(np.min(t)) < 0 or int(np.max(t)) >= type_vocab):
-            raise FmplexError(ErrorCode.INVALID_INPUT, f"type ids must lie in [0, {type_vocab})")
-
-
-def _check_output(output: Output, view: ExtensionView) -> None:
-    need = {Output.LOGITS: HeadInput.POOLED, Output.TOKEN_LOGITS: HeadInput.TOKENS}.get(output)
-    if need is not None and view.head_input is not need:
-        raise FmplexError(ErrorCode.INVALID_INPUT,
-                          f"output {output.value} needs a head on {need.value} rows; the task has "
-                          f"{'none' if view.head_input is None else view.head_input.value}")
+def _timeouts(expired: list[Request]) -> list[Delivery]:
+    out = []
+    for req in expired:
+        p: Pending = req.payload
+        if p is not None:
+            out.append(Delivery(p.task, p.session, Error(p.msg.ref, ErrorCode.TIMEOUT,
+                                                         "deadline passed before execution",
+                                                         epoch=p.session)))
+    return out

@@ -14,6 +14,15 @@ idle (like FQ-CoDel's priority for sparse flows). F is monotonic and V >= F with
 credits measured from max(V, F) never chain. A task running below its share (a quiet one) then has
 its next request served ahead of a continuously backlogged neighbour instead of in turn with it.
 
+Groups and prices. Every task belongs to a group (one per hosted backbone); a batch holds requests
+of one group only (one forward), and `form_batch` picks the group whose least-served backlogged
+task has the least virtual time, so all tasks of all backbones share the device under one policy:
+a task's weight is its share of the device, whatever its backbone. Each group has a price (device
+time per cost unit, relative; the caller sets it from measured throughput, 1.0 by default), and
+serving a cost c advances v_i by c * price / w_i. Work done outside `form_batch` (a decoder's
+generated tokens, at prices the caller states) is charged with `charge`; a preempted request is
+put back at the head of its task's queue with `requeue`.
+
 Batch formation fills a token budget by repeatedly taking the backlogged task with the least
 virtual time (inter-task batching) and, while it is still the least served, its consecutive
 requests (intra-task batching). If the least-served task's next request does not fit, the batch
@@ -52,6 +61,7 @@ QUEUED, TAKEN, EXPIRED, DROPPED = range(4)       # QUEUED must stay 0: hot loops
 DEADLINE_BUCKETS = 1024                          # deadline buckets per unit of the caller's clock
 COMPACT_SLACK = 4096                             # filed-but-dead requests tolerated before compacting
 _INF = float("inf")
+_ANY = object()                                  # form_batch: whichever group is due
 
 
 class Overloaded(FmplexError):
@@ -70,12 +80,21 @@ class Request:
 
 
 @dataclass(slots=True, eq=False)
+class _Group:
+    """The backlogged tasks of one group (backbone) by virtual time: heap of (vtime, order, task)."""
+    name: Hashable
+    price: float = 1.0
+    heap: list = field(default_factory=list)
+
+
+@dataclass(slots=True, eq=False)
 class _Task:
     key: Hashable
     weight: float
     limit: int
+    group: _Group
     vtime: float = 0.0
-    inv_weight: float = 1.0    # 1 / weight: form_batch multiplies
+    inv_weight: float = 1.0    # price / weight: form_batch multiplies
     order: int = 0             # heap tie-break: when it last became backlogged (set by _push)
     queue: deque = field(default_factory=deque)
     queued: int = 0            # live requests in queue (expired ones may still sit in it, lazily)
@@ -91,6 +110,7 @@ class Batch:
     requests: list[Request]
     expired: list[Request]
     tokens: int
+    group: Hashable = None      # whose requests these are
 
 
 class Scheduler:
@@ -100,7 +120,7 @@ class Scheduler:
         self.token_budget, self.max_requests = token_budget, max_requests
         self.idle_credit = float(idle_credit)              # K: tokens a returning task may bank
         self._tasks: dict[Hashable, _Task] = {}
-        self._heap: list[tuple[float, int, _Task]] = []     # backlogged tasks by virtual time
+        self._groups: dict[Hashable, _Group] = {}
         self._buckets: dict[float, list[Request]] = {}     # deadline bucket -> its requests
         self._bucket_keys: list[float] = []                 # heap of the keys of _buckets
         self._filed = 0                                     # entries in _buckets, live or not
@@ -110,21 +130,29 @@ class Scheduler:
 
     # -- tasks ---------------------------------------------------------------------------------
 
-    def add_task(self, key: Hashable, weight: float, queue_limit: int) -> None:
+    def add_task(self, key: Hashable, weight: float, queue_limit: int, group: Hashable = None
+                 ) -> None:
         if key in self._tasks:
             raise ValueError(f"task {key} already present")
         if weight <= 0 or queue_limit < 1:
             raise ValueError("weight must be > 0 and queue_limit >= 1")
-        self._tasks[key] = _Task(key, weight, queue_limit, vtime=self._vclock,
-                                 inv_weight=1.0 / weight)
+        g = self._groups.get(group)
+        if g is None:
+            g = self._groups[group] = _Group(group)
+        self._tasks[key] = _Task(key, weight, queue_limit, g, vtime=self._vclock,
+                                 inv_weight=g.price / weight)
 
-    def set_weight(self, key: Hashable, weight: float, queue_limit: int | None = None) -> None:
-        if weight <= 0:
-            raise ValueError("weight must be > 0")
-        task = self._tasks[key]
-        task.weight, task.inv_weight = weight, 1.0 / weight
-        if queue_limit is not None:
-            task.limit = queue_limit
+    def set_price(self, group: Hashable, price: float) -> None:
+        """Device time per cost unit of `group`'s requests (relative to the other groups)."""
+        if not price > 0:
+            raise ValueError("price must be > 0")
+        g = self._groups.get(group)
+        if g is None:
+            g = self._groups[group] = _Group(group)
+        g.price = price
+        for t in self._tasks.values():
+            if t.group is g:
+                t.inv_weight = price / t.weight
 
     def remove_task(self, key: Hashable) -> list[Request]:
         """Forget a task; returns its queued requests (state DROPPED) for the caller to answer."""
@@ -144,7 +172,45 @@ class Scheduler:
         t = self._tasks[key]
         return {"queued": t.queued, "served_tokens": t.served_tokens,
                 "served_requests": t.served_requests, "expired": t.expired,
-                "overloaded": t.overloaded, "vtime": t.vtime, "weight": t.weight}
+                "overloaded": t.overloaded, "vtime": t.vtime, "weight": t.weight,
+                "group": t.group.name}
+
+    def vtime(self, key: Hashable) -> float:
+        return self._tasks[key].vtime
+
+    def backlogged_groups(self) -> list[Hashable]:
+        """Groups with queued requests, the one to serve next (least virtual time) first."""
+        tops = []
+        for g in self._groups.values():
+            self._drop_idle_top(g.heap)
+            if g.heap:
+                tops.append((g.heap[0][0], g.heap[0][1], g.name))
+        return [name for _, _, name in sorted(tops, key=lambda t: (t[0], t[1]))]
+
+    def charge(self, key: Hashable, cost: float) -> None:
+        """Account `cost` units of work served to `key` outside form_batch (e.g. generated tokens).
+        Its heap position is corrected lazily, when it next comes to the top."""
+        task = self._tasks.get(key)
+        if task is None or cost <= 0:
+            return
+        task.vtime += cost * task.inv_weight
+        task.served_tokens += int(cost)
+        if task.vtime > self._vclock:
+            self._vclock = task.vtime
+
+    def requeue(self, req: Request) -> None:
+        """Put a taken request back at the head of its task's queue (a preempted sequence that
+        will be recomputed); its queue limit does not apply, its deadline still does."""
+        task = self._tasks.get(req.task)
+        if task is None:
+            raise KeyError(f"task {req.task} is gone")
+        req.state = QUEUED
+        task.queue.appendleft(req)
+        task.queued += 1
+        self.queued += 1
+        self._file(req)
+        if not task.in_heap:
+            self._push(task)
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -157,6 +223,16 @@ class Scheduler:
         task.queue.append(req)
         task.queued += 1
         self.queued += 1
+        self._file(req)
+        if not task.in_heap:
+            lift = self._min_backlogged_vtime()
+            if self.idle_credit:             # from the served frontier: credits do not chain
+                lift = max(lift, self._vclock) - self.idle_credit * task.inv_weight
+            task.vtime = max(task.vtime, lift)
+            self._push(task)
+
+    def _file(self, req: Request) -> None:
+        """File a queued request in its deadline bucket."""
         key = req.deadline * DEADLINE_BUCKETS
         if -_INF < key < _INF:
             key = math.floor(key)
@@ -169,13 +245,15 @@ class Scheduler:
         self._filed += 1
         if self._filed > 2 * self.queued + COMPACT_SLACK:
             self._compact()
-        if not task.in_heap:
-            self._drop_idle_top()
-            lift = self._heap[0][0] if self._heap else self._vclock
-            if self.idle_credit:             # from the served frontier: credits do not chain
-                lift = max(lift, self._vclock) - self.idle_credit * task.inv_weight
-            task.vtime = max(task.vtime, lift)
-            self._push(task)
+
+    def _min_backlogged_vtime(self) -> float:
+        """V: the least virtual time of a backlogged task (any group), else the served frontier."""
+        v = _INF
+        for g in self._groups.values():
+            self._drop_idle_top(g.heap)
+            if g.heap and g.heap[0][0] < v:
+                v = g.heap[0][0]
+        return self._vclock if v == _INF else v
 
     def _compact(self) -> None:
         """Drop taken/dropped requests from the deadline buckets. Taken requests are otherwise
@@ -229,19 +307,31 @@ class Scheduler:
             del buckets[heapq.heappop(keys)]
         return None
 
-    def form_batch(self, now: float, horizon: float = 0.0) -> Batch:
-        """Expire, then fill one batch as described in the module docstring. `horizon` is how
-        long the batch will take: a request whose deadline falls before now + horizon could only
-        finish late, so it is expired (answered with a timeout) rather than run."""
+    def form_batch(self, now: float, horizon: float = 0.0, group: Hashable = _ANY,
+                   budget: int | None = None, max_requests: int | None = None) -> Batch:
+        """Expire, then fill one batch of one group as described in the module docstring (the
+        group to serve next unless `group` names one; `budget` and `max_requests` default to the
+        scheduler's). `horizon` is how long the batch will take: a request whose deadline falls
+        before now + horizon could only finish late, so it is expired (answered with a timeout)
+        rather than run."""
         expired = self.expire(now + horizon)
+        if group is _ANY:
+            order = self.backlogged_groups()
+            group = order[0] if order else None
+        g = self._groups.get(group)
         taken: list[Request] = []
         take = taken.append
-        budget = full = self.token_budget
-        cap, heap = self.max_requests, self._heap
+        budget = full = self.token_budget if budget is None else budget
+        cap = self.max_requests if max_requests is None else max_requests
+        heap = g.heap if g is not None else []
         vclock, n_taken, n = self._vclock, 0, len(heap)
         replace, pop = heapq.heapreplace, heapq.heappop
         while n_taken < cap and n:
-            task = heap[0][2]
+            top = heap[0]
+            task = top[2]
+            if task.vtime != top[0]:               # charged since it was filed: re-sort it
+                replace(heap, (task.vtime, task.order, task))
+                continue
             queued = task.queued
             if not queued:                         # idle: only expired/dropped requests were left
                 pop(heap)
@@ -301,18 +391,18 @@ class Scheduler:
                 task.in_heap = False
         self._vclock = vclock
         self.queued -= n_taken
-        return Batch(taken, expired, full - budget)
+        return Batch(taken, expired, full - budget, group)
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _drop_idle_top(self) -> None:
+    def _drop_idle_top(self, heap: list) -> None:
         """Pop heap entries of tasks left with nothing queued (expired, dropped or removed)."""
-        while self._heap and self._head(self._heap[0][2]) is None:
-            heapq.heappop(self._heap)[2].in_heap = False
+        while heap and self._head(heap[0][2]) is None:
+            heapq.heappop(heap)[2].in_heap = False
 
     def _push(self, task: _Task) -> None:
         task.order = next(self._seq)
-        heapq.heappush(self._heap, (task.vtime, task.order, task))
+        heapq.heappush(task.group.heap, (task.vtime, task.order, task))
         task.in_heap = True
 
     @staticmethod

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ipc.messages import (BackboneInfo, ExtensionSpec, HeadInput, HeadKind, Module, Pooling,
-                          SlotEntry, SlotGrant)
+from ipc.messages import (BackboneInfo, ExtensionSpec, HeadInput, HeadKind, Pooling, SlotEntry,
+                          SlotGrant)
 from ipc.shm import MappedRegion, create_region
 from ipc.slot_layout import half_layout
 from kernels.heads import HeadSegment
@@ -27,8 +27,8 @@ class ExtensionView:
     """One committed version of a task's extension: torch views of one half of its slot."""
     version: int
     spec: ExtensionSpec
-    lora: list[tuple[int, Module, torch.Tensor, torch.Tensor, float]]
-    ia3: list[tuple[int, Module, torch.Tensor, bool]]
+    lora: list[tuple[int, str, torch.Tensor, torch.Tensor, float]]    # layer, target, A, B, scale
+    ia3: list[tuple[int, str, torch.Tensor, bool]]                    # layer, target, vector, in?
     prompt: torch.Tensor | None
     head: HeadSegment | None       # start/end unset (0, 0); the executor places it
     in_flight: int = 0             # batches currently reading this view
@@ -49,9 +49,9 @@ class ExtensionView:
 def build_view(region: MappedRegion, entries: list[SlotEntry], base: int, spec: ExtensionSpec,
                version: int) -> ExtensionView:
     t = {e.name: region.tensor(e, base) for e in entries}
-    lora = [(e.layer, e.module, t[f"lora.{e.layer}.{e.module.value}.A"],
-             t[f"lora.{e.layer}.{e.module.value}.B"], e.scale) for e in spec.lora]
-    ia3 = [(e.layer, e.module, t[f"ia3.{e.layer}.{e.module.value}"], e.feedforward) for e in spec.ia3]
+    lora = [(e.layer, e.module, t[f"lora.{e.layer}.{e.module}.A"],
+             t[f"lora.{e.layer}.{e.module}.B"], e.scale) for e in spec.lora]
+    ia3 = [(e.layer, e.module, t[f"ia3.{e.layer}.{e.module}"], e.feedforward) for e in spec.ia3]
     head = None
     if spec.head is not None:
         if spec.head.kind is HeadKind.LINEAR:

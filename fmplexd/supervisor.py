@@ -2,10 +2,10 @@
 
 deploy(spec) starts a task process for SPEC (as the spec's owner when the daemon is root): forked by
 the task zygote (fmplexd/task_zygote.py; config `task_zygote`, default on), whose pre-imported pages
-every task shares, or, with the zygote off or failing, `python -m tasklets task run SPEC`. It
-waits until the task has registered and committed (READY) and returns its name; a process that exits
-first fails the deploy with the error it printed. A deployed task that dies later is restarted with
-exponential backoff (0.1 s doubling to 5 s, reset after 30 s of health); a hung one (heartbeat lost
+every task shares, or, with the zygote off or failing, `python -m tasklets SPEC`. It waits until
+the task has registered and committed (READY) and returns its name; a process that exits first
+fails the deploy with the error it printed. Who may deploy follows the one authorization rule
+(fmplexd.auth). A deployed task that dies later is restarted with exponential backoff (0.1 s doubling to 5 s, reset after 30 s of health); a hung one (heartbeat lost
 while its process lives) is killed first. Children never inherit NOTIFY_SOCKET or WATCHDOG_*.
 Task processes started by someone else are accepted by the daemon and simply not supervised here.
 
@@ -22,13 +22,15 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from fmplexd.auth import Authority
+from ipc.addresses import RunDir
 from ipc.errors import TASK_EXIT_PREFIX, ErrorCode, FmplexError
+from ipc.spec import parse_spec
 
 if TYPE_CHECKING:
-    from fmplexd.daemon import Daemon
     from fmplexd.task_zygote import ForkedProcess
 
 log = logging.getLogger("fmplexd.supervisor")
@@ -46,7 +48,6 @@ class Child:
     started: float = 0.0
     quick_deaths: int = 0          # consecutive deaths within HEALTHY_S of starting
     restarts: int = 0
-    restart_times: list = field(default_factory=list)    # seconds from death to ready
     died_at: float | None = None
     ready: asyncio.Future | None = None
     stopping: bool = False
@@ -54,30 +55,26 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, daemon: "Daemon"):
-        self.d = daemon
+    def __init__(self, run_dir: RunDir, state_dir: str, authority: Authority, use_zygote: bool,
+                 tokenizers: list[str]):
+        """`tokenizers`: tokenizer files the zygote preloads (shared by every forked task)."""
+        self.authority = authority
         self.children: dict[str, Child] = {}
-        self.spec_dir = os.path.join(daemon.run_dir.path, "specs")
-        self.log_dir = os.path.join(daemon.run_dir.path, "logs")
-        state = daemon.config.state_dir or os.path.join(daemon.run_dir.path, "state")
-        self.record_dir = os.path.join(state, "deployed")
+        self.spec_dir = os.path.join(run_dir.path, "specs")
+        self.log_dir = os.path.join(run_dir.path, "logs")
+        self.record_dir = os.path.join(state_dir or os.path.join(run_dir.path, "state"), "deployed")
         self.env = {k: v for k, v in os.environ.items() if k not in SCRUBBED_ENV}
-        self.env["FMPLEX_RUN_DIR"] = daemon.run_dir.path          # what every child runs with
+        self.env["FMPLEX_RUN_DIR"] = run_dir.path          # what every child runs with
         os.makedirs(self.log_dir, mode=0o755, exist_ok=True)
         self.zygote = None
-        if daemon.config.task_zygote:
+        if use_zygote:
             from fmplexd.task_zygote import TaskZygote
-            tokenizers = sorted({b.info.tokenizer for b in daemon.backbones.values()
-                                 if b.info.tokenizer})
-            self.zygote = TaskZygote(tokenizers, os.path.join(self.log_dir, "zygote.log"),
-                                     self.env)
+            self.zygote = TaskZygote(sorted(set(tokenizers)),
+                                     os.path.join(self.log_dir, "zygote.log"), self.env)
 
     async def deploy(self, spec_text: str, spec_path: str, uid: int | None) -> str:
-        from tasklets.spec import parse_spec
         spec = parse_spec(spec_text, base_dir=os.path.dirname(spec_path) or None)
-        if not (uid == spec.owner_uid or uid == os.getuid() or (uid == 0 and self.d.config.trust_root)):
-            raise FmplexError(ErrorCode.UNAUTHORIZED, f"uid {uid} may not deploy a task owned by "
-                              f"uid {spec.owner_uid}")
+        self.authority.check(uid, spec.owner_uid, f"deploy a task owned by uid {spec.owner_uid}")
         if spec.name in self.children:
             raise FmplexError(ErrorCode.CONFLICT, f"task {spec.name} is already deployed")
         path = spec_path if spec_path and os.path.isabs(spec_path) and os.path.exists(spec_path) \
@@ -126,18 +123,19 @@ class Supervisor:
             json.dump({"name": child.name, "spec_path": child.spec_path, "uid": child.owner_uid}, f)
         os.replace(tmp, os.path.join(self.record_dir, f"{child.name}.json"))
 
-    def ready(self, name: str) -> None:
+    def task_ready(self, name: str) -> None:
         """The daemon saw the task commit (READY)."""
         child = self.children.get(name)
         if child is None:
             return
         if child.died_at is not None:
-            child.restart_times.append(time.monotonic() - child.died_at)
+            log.info("task %s serves again %.2fs after its process died", name,
+                     time.monotonic() - child.died_at)
             child.died_at = None
         if child.ready is not None and not child.ready.done():
             child.ready.set_result(True)
 
-    def died(self, name: str, reason: str, pid: int) -> None:
+    def task_died(self, name: str, reason: str, pid: int) -> None:
         """The daemon ended the session of the task's process `pid`. If that process still runs
         (hung), it is killed so that the watcher restarts it. A notice about an earlier process
         (the watcher may already have started the next one) kills nothing."""
@@ -161,9 +159,6 @@ class Supervisor:
             child.stopping = True
             if child.proc is not None and child.proc.returncode is None:
                 _kill(child.proc, signal.SIGTERM)
-
-    def restart_stats(self) -> dict[str, list[float]]:
-        return {name: list(c.restart_times) for name, c in self.children.items()}
 
     async def stop_all(self, timeout_s: float = 5.0) -> None:
         procs = []
@@ -208,8 +203,7 @@ class Supervisor:
             as_user = {} if uid is None else {"user": uid, "group": gid, "extra_groups": []}
             with open(log_path, "ab") as log_file:
                 child.proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "tasklets", "task", "run", child.spec_path,
-                    "--supervised", stdin=asyncio.subprocess.DEVNULL, stdout=log_file,
+                    sys.executable, "-m", "tasklets", child.spec_path, "--supervised", stdin=asyncio.subprocess.DEVNULL, stdout=log_file,
                     stderr=log_file, env=env, start_new_session=True, **as_user)
         child.started = time.monotonic()
         child.ready = asyncio.get_running_loop().create_future()

@@ -11,6 +11,10 @@ itself dies, its children live on and are followed by pidfd instead (returncode 
 LOST_STATUS: the status went with the zygote), and the next spawn starts a new zygote. The zygote
 is started lazily (the first spawn) and runs as the daemon's user, so that with root it can
 give each child its owner's uid. `close()` ends it (its children are the supervisor's to stop).
+
+The channel speaks the project's wire (ipc/messages.py, one codec message per SEQPACKET datagram,
+as on the handle plane): Spawn -> Spawned | Error, then ZygoteReady and ChildExit unprompted. A
+malformed message from the zygote is logged and fails the spawn it names (if any), never the loop.
 """
 from __future__ import annotations
 
@@ -21,15 +25,16 @@ import os
 import socket
 import sys
 
-import msgpack
-
-from ipc.errors import ErrorCode, FmplexError
+from ipc.errors import ErrorCode, FmplexError, ProtocolError
+from ipc.handles import HandlePlaneClosed, recv_message, send_message
+from ipc.messages import ChildExit, Error, Spawn, Spawned, ZygoteReady
 
 log = logging.getLogger("fmplexd.zygote")
 START_TIMEOUT_S = 120.0
 SPAWN_TIMEOUT_S = 30.0
 LOST_STATUS = 255
 MAX_MESSAGE = 1 << 16
+FROM_ZYGOTE = frozenset({ZygoteReady, Spawned, Error, ChildExit})
 
 
 class ForkedProcess:
@@ -72,22 +77,30 @@ class TaskZygote:
         fut = asyncio.get_running_loop().create_future()
         self._replies[rid] = fut
         try:
-            request = msgpack.packb({"op": "spawn", "id": rid, "name": name, "spec": spec,
-                                     "log": log_path, "env": env, "uid": uid, "gid": gid})
-            reply = await asyncio.wait_for(self._send_and_wait(request, fut), SPAWN_TIMEOUT_S)
+            request = Spawn(ref=rid, name=name, spec=spec, log=log_path, env=env, uid=uid, gid=gid)
+            return await asyncio.wait_for(self._send_and_wait(request, fut), SPAWN_TIMEOUT_S)
         except OSError as e:
             raise FmplexError(ErrorCode.INTERNAL, f"the task zygote is unreachable: {e}") from None
         except asyncio.TimeoutError:
             raise FmplexError(ErrorCode.TIMEOUT, "the task zygote did not answer a spawn") from None
         finally:
             self._replies.pop(rid, None)
-        if "error" in reply:
-            raise FmplexError(ErrorCode.INTERNAL, f"the task zygote could not fork: {reply['error']}")
-        return reply["proc"]
 
-    async def _send_and_wait(self, request: bytes, fut: asyncio.Future) -> dict:
+    async def _send_and_wait(self, request: Spawn, fut: asyncio.Future) -> ForkedProcess:
         """Send when the socket has room (a burst of restarts can fill it), then await the answer."""
-        await asyncio.get_running_loop().sock_sendall(self._sock, request)
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                send_message(self._sock, request)
+                break
+            except BlockingIOError:
+                ready = loop.create_future()
+                loop.add_writer(self._sock.fileno(), lambda: ready.done() or ready.set_result(None))
+                try:
+                    await ready
+                finally:
+                    if self._sock is not None:
+                        loop.remove_writer(self._sock.fileno())
         return await fut
 
     async def close(self) -> None:
@@ -131,36 +144,50 @@ class TaskZygote:
 
     def _readable(self) -> None:
         try:
-            data = self._sock.recv(MAX_MESSAGE)
+            msg, _ = recv_message(self._sock, FROM_ZYGOTE, max_fds=0, bufsize=MAX_MESSAGE)
         except (BlockingIOError, InterruptedError):
             return
-        except OSError as e:
-            data = b""
-            log.warning("task zygote socket: %s", e)
-        if not data:
+        except HandlePlaneClosed:
             self._lost("exited")
             return
-        msg = msgpack.unpackb(data)
-        if "ready" in msg:
-            self.pid = msg["pid"]
+        except ProtocolError as e:
+            log.warning("malformed message from the task zygote: %s", e)
+            self._fail(getattr(e, "ref", 0), FmplexError(
+                ErrorCode.INTERNAL, f"the task zygote answered a malformed message: {e.message}"))
+            return
+        except OSError as e:
+            log.warning("task zygote socket: %s", e)
+            self._lost("exited")
+            return
+        if isinstance(msg, ZygoteReady):
+            self.pid = msg.pid
             log.info("task zygote ready (pid %d)", self.pid)
-            self._ready.set_result(True)
-        elif "exit" in msg:
-            child = self._children.pop(msg["exit"], None)
+            if not self._ready.done():
+                self._ready.set_result(True)
+        elif isinstance(msg, ChildExit):
+            child = self._children.pop(msg.pid, None)
             if child is not None:
-                child.exited(msg["code"])
-        else:
-            if "pid" in msg:     # the handle travels with the answer: its exit may come first
-                msg["proc"] = self._children[msg["pid"]] = ForkedProcess(
-                    msg["pid"], asyncio.get_running_loop())
-            fut = self._replies.get(msg["id"])
+                child.exited(msg.code)
+        elif isinstance(msg, Spawned):
+            # The handle travels with the answer: the child's exit report may come first.
+            proc = self._children[msg.pid] = ForkedProcess(msg.pid, asyncio.get_running_loop())
+            fut = self._replies.get(msg.ref)
             if fut is not None and not fut.done():
-                fut.set_result(msg)
+                fut.set_result(proc)
+        else:                    # Error: the fork failed
+            self._fail(msg.ref, FmplexError(ErrorCode.INTERNAL,
+                                            f"the task zygote could not fork: {msg.message}"))
+
+    def _fail(self, ref: int, error: FmplexError) -> None:
+        fut = self._replies.get(ref)
+        if fut is not None and not fut.done():
+            fut.set_exception(error)
 
     def _lost(self, why: str) -> None:
         """The zygote is gone (or closed): follow its orphans by pidfd; start anew on next spawn."""
         loop = asyncio.get_running_loop()
         loop.remove_reader(self._sock.fileno())
+        loop.remove_writer(self._sock.fileno())
         self._sock.close()
         self._sock = None
         if why != "closed":

@@ -19,12 +19,13 @@ from ipc.errors import ErrorCode
 from ipc.fields import (Bool, Bytes, Enum, Float, Int, ListOf, MapOf, Optional, Str, Struct,
                         Tensor)
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 U64 = Int(0, (1 << 64) - 1)
 REF = U64
 EPOCH = Int(1, (1 << 63) - 1)
 NAME = Str(64, 1, r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+TARGET = Str(32, 1, r"[a-z][a-z0-9_]*")      # a target (linear layer) name of a backbone's family
 TASK_REF = Str(80, 1, r"[A-Za-z0-9][A-Za-z0-9_.\-]*(@[A-Za-z0-9_\-]+)?")   # name or name@variant
 TEXT = Str(100_000)
 MAX_SEQUENCES = 1024          # sequences per request
@@ -51,14 +52,12 @@ class Pooling(str, enum.Enum):
     MEAN = "mean"
 
 
-class Module(str, enum.Enum):
-    """Linear layers of an encoder layer that an extension may target."""
-    QUERY = "query"
-    KEY = "key"
-    VALUE = "value"
-    ATTN_OUT = "attn_out"
-    FFN_IN = "ffn_in"
-    FFN_OUT = "ffn_out"
+class Family(str, enum.Enum):
+    """A backbone family: what its forward does and which requests it serves (fmplexd/families/)."""
+    TEXT_ENCODER = "text-encoder"      # BERT-style encoders: Submit -> Result
+    DECODER = "decoder"                # Llama-style LLMs: generation (iterations, KV pool)
+    VISION = "vision"                  # ViT / DINOv2
+    TIME_SERIES = "time-series"        # forecasting models
 
 
 class HeadKind(str, enum.Enum):
@@ -103,7 +102,7 @@ class Message:
 @dataclass(frozen=True, slots=True)
 class LoraEntry:
     layer: Annotated[int, Int(0, 255)]
-    module: Annotated[Module, Enum(Module)]
+    module: Annotated[str, TARGET]                # one of the backbone's BackboneInfo.targets
     rank: Annotated[int, Int(1, 1024)]
     scale: Annotated[float, Float(-1e6, 1e6)]     # alpha / rank (or alpha / sqrt(rank) for rsLoRA)
 
@@ -111,7 +110,7 @@ class LoraEntry:
 @dataclass(frozen=True, slots=True)
 class Ia3Entry:
     layer: Annotated[int, Int(0, 255)]
-    module: Annotated[Module, Enum(Module)]
+    module: Annotated[str, TARGET]
     feedforward: Annotated[bool, Bool()]          # scale the input (True) or the output (False)
 
 
@@ -142,6 +141,7 @@ class TaskConfig:
     queue_limit: Annotated[int, Int(1, 1_000_000)] = 256
     deadline_ms: Annotated[int, Int(1, 3_600_000)] = 10_000
     backbone: Annotated[str, NAME] = "default"
+    family: Annotated[Family, Enum(Family)] = Family.TEXT_ENCODER   # what the task's pipeline needs
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,19 +164,30 @@ class SlotGrant:
 
 
 @dataclass(frozen=True, slots=True)
+class TargetInfo:
+    """A linear layer of every backbone layer that an extension (LoRA, IA3) may target."""
+    name: Annotated[str, TARGET]                  # e.g. "query" (slot tensor names use it)
+    path: Annotated[str, Str(128, 1)]             # its module path inside a layer, as PEFT names it
+    in_features: Annotated[int, Int(1)]
+    out_features: Annotated[int, Int(1)]
+
+
+@dataclass(frozen=True, slots=True)
 class BackboneInfo:
     name: Annotated[str, NAME]
+    family: Annotated[Family, Enum(Family)]
     model_type: Annotated[str, Str(32, 1)]
     hidden: Annotated[int, Int(1)]
     layers: Annotated[int, Int(1)]
     heads: Annotated[int, Int(1)]
     intermediate: Annotated[int, Int(1)]
-    vocab: Annotated[int, Int(1)]
-    max_positions: Annotated[int, Int(1)]         # usable positions (sequence length limit)
     dtype: Annotated[str, Str(16, 1)]
-    tokenizer: Annotated[str, Str(4096)]          # path of tokenizer.json ("" if none)
     region_bytes: Annotated[int, U64]
     checksum: Annotated[str, Str(128)]
+    targets: Annotated[list[TargetInfo], ListOf(Struct(TargetInfo), 64)]
+    max_positions: Annotated[int, Int(0)] = 0     # usable input length (tokens, patches, steps)
+    vocab: Annotated[int, Int(0)] = 0             # text families
+    tokenizer: Annotated[str, Str(4096)] = ""     # path of tokenizer.json ("" if none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -528,6 +539,44 @@ class RegionsGranted(Message):
     slot_generation: Annotated[int, Int(1)]
 
 
+# ---------------------------------------------------------------- zygote channel (AF_UNIX SEQPACKET)
+
+@dataclass(frozen=True, slots=True)
+class ZygoteReady(Message):
+    """Zygote -> daemon, once: the preload is done and spawns are served."""
+    TYPE: ClassVar[str] = "zygote_ready"
+    pid: Annotated[int, Int(1, 1 << 31)]
+
+
+@dataclass(frozen=True, slots=True)
+class Spawn(Message):
+    """Daemon -> zygote: fork a task process for `spec` (its log, environment and identity)."""
+    TYPE: ClassVar[str] = "spawn"
+    ref: Annotated[int, REF]
+    name: Annotated[str, TASK_REF]
+    spec: Annotated[str, Str(4096, 1)]            # path of the task's spec file
+    log: Annotated[str, Str(4096, 1)]             # the child's stdout and stderr (appended)
+    env: Annotated[dict[str, str], MapOf(Str(1 << 16), 4096, Str(256, 1))]
+    uid: Annotated[int | None, Optional(Int(0, (1 << 32) - 1))] = None
+    gid: Annotated[int | None, Optional(Int(0, (1 << 32) - 1))] = None
+
+
+@dataclass(frozen=True, slots=True)
+class Spawned(Message):
+    """Zygote -> daemon: the answer to a Spawn (an Error with its ref if the fork failed)."""
+    TYPE: ClassVar[str] = "spawned"
+    ref: Annotated[int, REF]
+    pid: Annotated[int, Int(1, 1 << 31)]
+
+
+@dataclass(frozen=True, slots=True)
+class ChildExit(Message):
+    """Zygote -> daemon: a forked task process ended (code < 0: killed by signal -code)."""
+    TYPE: ClassVar[str] = "child_exit"
+    pid: Annotated[int, Int(1, 1 << 31)]
+    code: Annotated[int, Int(-255, 255)]
+
+
 ALL_MESSAGES: tuple[type[Message], ...] = (
     Error, Ok, Hello, Welcome, Heartbeat,
     Register, Registered, Submit, Result, PrepareUpdate, UpdateReady, Commit, Committed,
@@ -536,4 +585,5 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     Health, HealthReply,
     Infer, InferReply,
     OpenRegions, RegionsGranted,
+    ZygoteReady, Spawn, Spawned, ChildExit,
 )

@@ -10,22 +10,27 @@ Tensor names and shapes (H = hidden, I = intermediate, r = rank, L = labels, D =
     prompt                    (prompt_tokens, H)
     head.weight (L, H), head.bias (L,)                                  linear head
     head.w1 (D, H), head.b1 (D,), head.w2 (L, D), head.b2 (L,)          MLP head
-where (in, out) of a module: query/key/value/attn_out (H, H), ffn_in (H, I), ffn_out (I, H).
+where (in, out) of a module are its in_features/out_features in the backbone's `targets` (the
+family states them: e.g. a BERT layer's query is (H, H) and its ffn_in (H, I)).
 """
 from __future__ import annotations
 
 from ipc.errors import ErrorCode, FmplexError
-from ipc.messages import BackboneInfo, ExtensionSpec, HeadKind, Module, SlotEntry
+from ipc.messages import BackboneInfo, ExtensionSpec, HeadKind, SlotEntry
 from ipc.shm import align_up, plan_layout
 
 SLOT_ALIGNMENT = 256
 PAGE = 4096
 
 
-def module_dims(module: Module, info: BackboneInfo) -> tuple[int, int]:
-    """(in_features, out_features) of a targeted linear layer."""
-    h, i = info.hidden, info.intermediate
-    return {Module.FFN_IN: (h, i), Module.FFN_OUT: (i, h)}.get(module, (h, h))
+def module_dims(module: str, info: BackboneInfo) -> tuple[int, int]:
+    """(in_features, out_features) of a targeted linear layer; INVALID_EXTENSION if the backbone's
+    family has no such target."""
+    for t in info.targets:
+        if t.name == module:
+            return t.in_features, t.out_features
+    raise _invalid(f"the backbone {info.name} ({info.family.value}) has no target {module!r} "
+                   f"(it has {[t.name for t in info.targets]})")
 
 
 def _invalid(why: str) -> FmplexError:
@@ -37,19 +42,19 @@ def tensor_specs(spec: ExtensionSpec, info: BackboneInfo, dtype: str = "float32"
     """(name, dtype, shape) of every tensor the spec needs. Raises INVALID_EXTENSION naming what the
     backbone lacks (a layer past its depth, a duplicate target, a prompt longer than positions)."""
     out: list[tuple[str, str, list[int]]] = []
-    seen: set[tuple[str, int, Module]] = set()
+    seen: set[tuple[str, int, str]] = set()
     for e in spec.lora:
         _check_target("lora", e.layer, e.module, info, seen)
         fan_in, fan_out = module_dims(e.module, info)
         if e.rank > min(fan_in, fan_out):
-            raise _invalid(f"lora.{e.layer}.{e.module.value}: rank {e.rank} exceeds the layer's "
+            raise _invalid(f"lora.{e.layer}.{e.module}: rank {e.rank} exceeds the layer's "
                            f"{fan_in}x{fan_out} shape")
-        out.append((f"lora.{e.layer}.{e.module.value}.A", dtype, [e.rank, fan_in]))
-        out.append((f"lora.{e.layer}.{e.module.value}.B", dtype, [fan_out, e.rank]))
+        out.append((f"lora.{e.layer}.{e.module}.A", dtype, [e.rank, fan_in]))
+        out.append((f"lora.{e.layer}.{e.module}.B", dtype, [fan_out, e.rank]))
     for e in spec.ia3:
         _check_target("ia3", e.layer, e.module, info, seen)
         fan_in, fan_out = module_dims(e.module, info)
-        out.append((f"ia3.{e.layer}.{e.module.value}", dtype, [fan_in if e.feedforward else fan_out]))
+        out.append((f"ia3.{e.layer}.{e.module}", dtype, [fan_in if e.feedforward else fan_out]))
     if spec.prompt_tokens:
         if spec.prompt_tokens + 2 > info.max_positions:
             raise _invalid(f"prompt of {spec.prompt_tokens} virtual tokens leaves no room in "
@@ -69,12 +74,12 @@ def tensor_specs(spec: ExtensionSpec, info: BackboneInfo, dtype: str = "float32"
     return out
 
 
-def _check_target(kind: str, layer: int, module: Module, info: BackboneInfo, seen: set) -> None:
+def _check_target(kind: str, layer: int, module: str, info: BackboneInfo, seen: set) -> None:
     if layer >= info.layers:
-        raise _invalid(f"{kind}.{layer}.{module.value}: the backbone has {info.layers} layers")
+        raise _invalid(f"{kind}.{layer}.{module}: the backbone has {info.layers} layers")
     key = (kind, layer, module)
     if key in seen:
-        raise _invalid(f"{kind}.{layer}.{module.value} is listed twice")
+        raise _invalid(f"{kind}.{layer}.{module} is listed twice")
     seen.add(key)
 
 

@@ -80,17 +80,6 @@ def segmented_lora_cuda(y: torch.Tensor, x: torch.Tensor, segments: list[LoraSeg
     return y
 
 
-def gathered_lora_cuda(y: torch.Tensor, x: torch.Tensor, adapter: list[int], A: torch.Tensor,
-                       B: torch.Tensor, ranks: list[int], scales: list[float]) -> torch.Tensor:
-    """The one-row-per-request form (kernels.lora.gathered_lora): every row with an adapter
-    a >= 0 becomes a one-row segment on adapter a's (r_a, in) / (out, r_a) blocks of the stacked
-    A (n, r_max, in) and B (n, out, r_max); rows with a < 0 are untouched."""
-    blocks = {a: (A[a, :ranks[a]].contiguous(), B[a, :, :ranks[a]].contiguous())
-              for a in set(adapter) if a >= 0}
-    segs = [LoraSegment(i, i + 1, *blocks[a], scales[a]) for i, a in enumerate(adapter) if a >= 0]
-    return segmented_lora_cuda(y, x, segs)
-
-
 def segmented_head_cuda(x: torch.Tensor, segments: list[HeadSegment]) -> list[torch.Tensor]:
     """Semantics of kernels.heads.segmented_head: out_s = x[s] @ w1.T + b1, or
     act(x[s] @ w1.T + b1) @ w2.T + b2 (MLP), one launch per layer for all segments.

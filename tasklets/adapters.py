@@ -2,7 +2,9 @@
 
 Sources:
 - a PEFT adapter directory exactly as PEFT saves it: adapter_config.json + adapter_model.safetensors
-  (peft_type LORA, IA3 or PROMPT_TUNING) for a BERT-family backbone;
+  (peft_type LORA, IA3 or PROMPT_TUNING). Tensor keys are matched against the backbone's targets
+  (BackboneInfo.targets: each target's PEFT module path inside a layer, e.g. a BERT layer's
+  "attention.self.query" or a Llama layer's "self_attn.q_proj"), so one loader serves every family;
 - a head file (safetensors): `weight (L, H)`, `bias (L,)` for a linear head, or `w1 (D, H)`,
   `b1 (D,)`, `w2 (L, D)`, `b2 (L,)` for a 2-layer MLP head.
 
@@ -22,16 +24,9 @@ from safetensors.numpy import load_file
 
 from ipc.errors import ErrorCode, FmplexError
 from ipc.messages import (Activation, BackboneInfo, ExtensionSpec, HeadInput, HeadKind, HeadSpec,
-                          Ia3Entry, LoraEntry, Module, Pooling)
+                          Ia3Entry, LoraEntry, Pooling, TargetInfo)
 from ipc.slot_layout import tensor_specs
 
-PEFT_MODULES = {
-    "attention.self.query": Module.QUERY, "attention.self.key": Module.KEY,
-    "attention.self.value": Module.VALUE, "attention.output.dense": Module.ATTN_OUT,
-    "intermediate.dense": Module.FFN_IN, "output.dense": Module.FFN_OUT,
-}
-_KEY = re.compile(r"(?:.*\.)?layer\.(\d+)\.(" + "|".join(re.escape(m) for m in PEFT_MODULES)
-                  + r")\.(lora_A\.weight|lora_B\.weight|ia3_l)$")
 _PEFT_WEIGHT_NAME = re.compile(r"\.(lora_[AB])\.default\.weight$")
 
 
@@ -72,9 +67,19 @@ def _pattern_value(patterns: dict, module_path: str, default):
     return default
 
 
-def load_peft_adapter(path: str) -> tuple[dict, dict[str, np.ndarray], dict[str, str]]:
+def _key_pattern(targets: list[TargetInfo]) -> tuple[re.Pattern, dict[str, str]]:
+    """A regex over PEFT tensor keys `...layer[s].N.<target path>.<part>`, and path -> target."""
+    by_path = {t.path: t.name for t in targets}
+    alternatives = "|".join(re.escape(p) for p in sorted(by_path, key=len, reverse=True))
+    return re.compile(r"(?:.*\.)?layers?\.(\d+)\.(" + alternatives
+                      + r")\.(lora_A\.weight|lora_B\.weight|ia3_l)$"), by_path
+
+
+def load_peft_adapter(path: str, targets: list[TargetInfo]
+                      ) -> tuple[dict, dict[str, np.ndarray], dict[str, str]]:
     """-> (ExtensionSpec keyword fields, slot tensors, slot name -> PEFT key)."""
     cfg, raw = _read_adapter(path)
+    key_re, by_path = _key_pattern(targets)
     kind = cfg.get("peft_type")
     for flag in ("use_dora", "fan_in_fan_out"):
         if cfg.get(flag):
@@ -94,12 +99,12 @@ def load_peft_adapter(path: str) -> tuple[dict, dict[str, np.ndarray], dict[str,
     lora, ia3, tensors, sources = {}, [], {}, {}
     for key, arr in raw.items():
         key = _PEFT_WEIGHT_NAME.sub(r".\1.weight", key)
-        m = _KEY.match(key)
+        m = key_re.match(key)
         if m is None:
-            raise _invalid(f"{path}: tensor {key!r} targets no supported module "
-                           f"({', '.join(PEFT_MODULES)})")
-        layer, module, part = int(m.group(1)), PEFT_MODULES[m.group(2)], m.group(3)
-        base = f"{layer}.{module.value}"
+            raise _invalid(f"{path}: tensor {key!r} targets no module of this backbone "
+                           f"(targets: {', '.join(by_path)})")
+        layer, module, part = int(m.group(1)), by_path[m.group(2)], m.group(3)
+        base = f"{layer}.{module}"
         if part == "ia3_l":
             feedforward = arr.ndim == 2 and arr.shape[0] == 1
             ia3.append(Ia3Entry(layer=layer, module=module, feedforward=feedforward))
@@ -111,15 +116,15 @@ def load_peft_adapter(path: str) -> tuple[dict, dict[str, np.ndarray], dict[str,
             sources[f"lora.{base}.{ab}"] = key
             lora.setdefault((layer, module), m.group(0)[: m.start(3) - 1])
     entries = []
-    for (layer, module), module_path in sorted(lora.items(), key=lambda kv: (kv[0][0], kv[0][1].value)):
-        a = tensors.get(f"lora.{layer}.{module.value}.A")
-        if a is None or f"lora.{layer}.{module.value}.B" not in tensors:
+    for (layer, module), module_path in sorted(lora.items()):
+        a = tensors.get(f"lora.{layer}.{module}.A")
+        if a is None or f"lora.{layer}.{module}.B" not in tensors:
             raise _invalid(f"{path}: {module_path} has lora_A without lora_B or the reverse")
         rank = int(a.shape[0])
         alpha = _pattern_value(cfg.get("alpha_pattern"), module_path, cfg.get("lora_alpha", 8))
         scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
         entries.append(LoraEntry(layer=layer, module=module, rank=rank, scale=float(scale)))
-    ia3.sort(key=lambda e: (e.layer, e.module.value))
+    ia3.sort(key=lambda e: (e.layer, e.module))
     return {"lora": entries, "ia3": ia3}, tensors, sources
 
 
@@ -140,14 +145,17 @@ def load_head(path: str, input: HeadInput, activation: Activation = Activation.R
     raise _invalid(f"{path}: a head file holds weight+bias or w1+b1+w2+b2, not {sorted(raw)}")
 
 
-def build_extension(adapter: str | None = None, head: str | None = None,
-                    pooling: Pooling = Pooling.CLS, head_input: HeadInput = HeadInput.POOLED,
+def build_extension(targets: list[TargetInfo], adapter: str | None = None,
+                    head: str | None = None, pooling: Pooling = Pooling.CLS,
+                    head_input: HeadInput = HeadInput.POOLED,
                     activation: Activation = Activation.RELU) -> Extension:
+    """Read an extension's sources for a backbone with these targets (BackboneInfo.targets); not
+    yet validated against its shapes (see `validate`)."""
     fields_: dict = {}
     tensors: dict[str, np.ndarray] = {}
     sources: dict[str, str] = {}
     if adapter:
-        fields_, tensors, sources = load_peft_adapter(adapter)
+        fields_, tensors, sources = load_peft_adapter(adapter, targets)
     head_spec = None
     if head:
         head_spec, head_tensors = load_head(head, head_input, activation)

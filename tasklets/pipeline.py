@@ -20,8 +20,7 @@ from tokenizers import Tokenizer
 
 from ipc.errors import ErrorCode, FmplexError
 from ipc.messages import MAX_SEQUENCES, InferReply, LabelScore, TokenLabel
-from tasklets import faults
-from tasklets.spec import Pipeline, TaskSpec
+from ipc.spec import Pipeline, TaskSpec
 
 _PRELOADED: dict[str, Tokenizer] = {}
 
@@ -57,7 +56,6 @@ class TaskPipeline:
         return self.spec.pipeline.output
 
     def encode(self, texts: list[str], pairs: list[str] | None = None) -> Encoded:
-        faults.check(texts)
         if self.spec.pipeline is Pipeline.SIMILARITY:
             if pairs is None or len(pairs) != len(texts):
                 raise FmplexError(ErrorCode.INVALID_INPUT,

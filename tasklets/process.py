@@ -1,4 +1,5 @@
-"""The task process (`fmplex task run SPEC`): one task's virtual foundation model.
+"""The task process (`python -m tasklets SPEC`, also `fmplex task run SPEC`): one task's virtual
+foundation model.
 
 It loads and validates its extension, registers with fmplexd, writes the extension into its slot,
 binds its client endpoint and serves: tokenize -> Submit -> Result -> post-process -> reply.
@@ -30,7 +31,7 @@ from tasklets.adapters import Extension, build_extension, validate
 from tasklets.daemon_link import DaemonLink, DaemonLost, Session
 from tasklets.endpoint import ClientEndpoint
 from tasklets.pipeline import TaskPipeline
-from tasklets.spec import TaskSpec, load_spec, parse_spec
+from ipc.spec import TaskSpec, load_spec, parse_spec
 
 log = logging.getLogger("fmplex.task")
 RECONNECT_TIMEOUT_S = 3600.0
@@ -50,7 +51,7 @@ class Variant:
 
 def load_extension(spec: TaskSpec, info: BackboneInfo) -> Extension:
     """Read the spec's extension sources and check them against the backbone (shapes, labels)."""
-    ext = build_extension(spec.adapter, spec.head, spec.pooling,
+    ext = build_extension(info.targets, spec.adapter, spec.head, spec.pooling,
                           spec.pipeline.head_input or HeadInput.POOLED, spec.head_activation)
     validate(ext, info)
     head = ext.spec.head
@@ -236,7 +237,7 @@ class TaskProcess:
 
 
 def main(spec_path: str, run_dir: str | None = None) -> int:
-    """Entry point of `fmplex task run`. Exits 2 with `fmplex-task-error: CODE: message` on stderr
+    """Entry point of a task process. Exits 2 with `fmplex-task-error: CODE: message` on stderr
     when the task cannot start (the supervisor reports that line as the deploy's error)."""
     from ipc import aio
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -13,15 +13,12 @@ child is a crash of that task only. Trade-off (documented in docs/architecture.m
 share the zygote's address-space layout (ASLR is per zygote, not per task); set `task_zygote =
 false` in fmplexd.toml to exec each task afresh instead.
 
-Messages (msgpack maps, one per datagram), daemon -> zygote:
-    {"op": "spawn", "id": int, "name": str, "spec": str, "log": str, "env": {str: str},
-     "uid": int | None, "gid": int | None}
-zygote -> daemon:
-    {"ready": True, "pid": int}                       once, after the preload
-    {"id": int, "pid": int} | {"id": int, "error": str}    the answer to a spawn, at once
-    {"exit": pid, "code": int}                        a child ended (code < 0: killed by -code)
-A spawn's answer always precedes its child's exit report. On EOF the zygote exits; its children
-live on (the daemon tracks them by pidfd).
+Messages (ipc/messages.py through the one codec, one per datagram), daemon -> zygote: Spawn;
+zygote -> daemon: ZygoteReady (once, after the preload), Spawned or Error (the answer to a spawn,
+at once; a malformed request is answered with a typed Error carrying its ref when it has one),
+ChildExit (a child ended; code < 0: killed by signal -code). A spawn's answer always precedes its
+child's exit report. On EOF the zygote exits; its children live on (the daemon tracks them by
+pidfd).
 """
 from __future__ import annotations
 
@@ -34,7 +31,9 @@ import socket
 import sys
 import traceback
 
-import msgpack
+from ipc.errors import ErrorCode, ProtocolError
+from ipc.handles import HandlePlaneClosed, recv_message, send_message
+from ipc.messages import ChildExit, Error, Spawn, Spawned, ZygoteReady
 
 MAX_MESSAGE = 1 << 20
 
@@ -60,7 +59,7 @@ def serve(sock: socket.socket) -> int:
     sel = selectors.DefaultSelector()
     sel.register(sock, selectors.EVENT_READ)
     sel.register(wake_r, selectors.EVENT_READ)
-    sock.send(msgpack.packb({"ready": True, "pid": os.getpid()}))
+    send_message(sock, ZygoteReady(pid=os.getpid()))
     while True:
         for key, _ in sel.select():
             if key.fileobj is wake_r:
@@ -71,17 +70,18 @@ def serve(sock: socket.socket) -> int:
                         break
                 _reap(sock)
                 continue
-            data = sock.recv(MAX_MESSAGE)
-            if not data:
-                return 0                    # the daemon is gone; the children live on
-            req = None                      # (not the previous request's, if this one is undecodable)
             try:
-                req = msgpack.unpackb(data)
+                req, fds = recv_message(sock, frozenset({Spawn}), max_fds=0, bufsize=MAX_MESSAGE)
+            except HandlePlaneClosed:
+                return 0                    # the daemon is gone; the children live on
+            except ProtocolError as e:      # a malformed request is answered, never fatal
+                send_message(sock, Error(getattr(e, "ref", 0), e.code, e.message))
+                continue
+            try:
                 reply = _spawn(req, sock, (wake_r, wake_w))
-            except Exception as e:          # a malformed request is answered, never fatal
-                reply = {"id": req.get("id", -1) if isinstance(req, dict) else -1,
-                         "error": f"{type(e).__name__}: {e}"}
-            sock.send(msgpack.packb(reply))
+            except Exception as e:          # a failed fork is answered, never fatal
+                reply = Error(req.ref, ErrorCode.INTERNAL, f"{type(e).__name__}: {e}"[:4000])
+            send_message(sock, reply)
 
 
 def _reap(sock: socket.socket) -> None:
@@ -92,23 +92,18 @@ def _reap(sock: socket.socket) -> None:
             return
         if pid == 0:
             return
-        sock.send(msgpack.packb({"exit": pid, "code": os.waitstatus_to_exitcode(status)}))
+        send_message(sock, ChildExit(pid=pid, code=os.waitstatus_to_exitcode(status)))
 
 
-def _spawn(req: dict, sock: socket.socket, own_fds: tuple[int, int]) -> dict:
-    if req.get("op") != "spawn":
-        raise ValueError(f"unknown op {req.get('op')!r}")
-    rid, spec, log_path = int(req["id"]), str(req["spec"]), str(req["log"])
-    env = {str(k): str(v) for k, v in dict(req["env"]).items()}
-    uid, gid = req.get("uid"), req.get("gid")
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+def _spawn(req: Spawn, sock: socket.socket, own_fds: tuple[int, int]) -> Spawned:
+    log_fd = os.open(req.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:                                          # the task process
         code = 1
         try:
-            code = _become_task(str(req.get("name", "")), spec, env, uid, gid, log_fd, sock,
+            code = _become_task(req.name, req.spec, req.env, req.uid, req.gid, log_fd, sock,
                                 own_fds)
         except BaseException:
             traceback.print_exc()
@@ -117,7 +112,7 @@ def _spawn(req: dict, sock: socket.socket, own_fds: tuple[int, int]) -> dict:
             sys.stderr.flush()
             os._exit(code)
     os.close(log_fd)
-    return {"id": rid, "pid": pid}
+    return Spawned(ref=req.ref, pid=pid)
 
 
 def _become_task(name: str, spec: str, env: dict, uid, gid, log_fd: int, sock: socket.socket,
@@ -142,10 +137,8 @@ def _become_task(name: str, spec: str, env: dict, uid, gid, log_fd: int, sock: s
     os.environ.clear()
     os.environ.update(env)
     _set_title(f"fmplex-task {name}".encode()[:15])
-    sys.argv = [sys.argv[0], "task", "run", spec, "--supervised"]
-    from tasklets import faults
+    sys.argv = [sys.argv[0], spec, "--supervised"]
     from tasklets.process import main
-    faults.reload()                                       # FMPLEX_FAULTS of the task's env
     return main(spec)
 
 

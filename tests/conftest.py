@@ -8,25 +8,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
-    from fmplexd.backbone import embedded_backbone_path
-    return embedded_backbone_path()
+    from fmplexd.families.embedded import embedded_path
+    return embedded_path("minilm")
 
 
 @pytest.fixture(scope="session")
 def minilm(minilm_path):
-    from fmplexd.backbone import load_backbone
+    from fmplexd.families import load_backbone
     return load_backbone("default", minilm_path)
 
 
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> str:
-    from fmplexd.tiny import write_tiny
+    from testkit.tiny import write_tiny
     return write_tiny(str(tmp_path_factory.mktemp("tiny-bert")), "bert")
 
 
 @pytest.fixture(scope="session")
 def tiny_roberta(tmp_path_factory) -> str:
-    from fmplexd.tiny import write_tiny
+    from testkit.tiny import write_tiny
     return write_tiny(str(tmp_path_factory.mktemp("tiny-roberta")), "roberta", seed=1)
 
 
@@ -37,6 +37,6 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     if report.failed:
-        from tasklets.launch import LIVE
+        from testkit.launch import LIVE
         for daemon in LIVE:
             report.sections.append((f"fmplexd logs {daemon.dir}", daemon.logs()))

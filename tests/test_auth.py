@@ -24,10 +24,10 @@ from ipc.addresses import RunDir, socket_path
 from ipc.errors import ErrorCode
 from ipc.handles import HandleClient
 from ipc.messages import (PROTOCOL_VERSION, Error, ExtensionSpec, Infer, InferReply, ListTasks,
-                          LoraEntry, Module, OpenRegions, Output, Register, RegionsGranted,
+                          LoraEntry, OpenRegions, Output, Register, RegionsGranted,
                           RemoveTask, Resolve, TaskConfig)
 from tasklets.daemon_link import DaemonLink
-from tests.helpers import REPO, Daemon, TaskProc, short_tmpdir, write_spec
+from testkit.launch import REPO, Daemon, TaskProc, short_tmpdir, write_spec
 
 NOBODY = 65534           # tenant B (and the "other uid" of most checks)
 OTHER = 65533            # a third tenant, owner of nothing
@@ -253,7 +253,7 @@ def test_task_plane_register_needs_the_owners_uid(world):
 @needs_root
 def test_a_task_cannot_map_another_tasks_slot(world):
     d, _ = world
-    ext = ExtensionSpec(lora=[LoraEntry(layer=0, module=Module.QUERY, rank=4, scale=2.0)])
+    ext = ExtensionSpec(lora=[LoraEntry(layer=0, module="query", rank=4, scale=2.0)])
     with d.client() as c:
         reg = c.control(Register(ref=c.ref(), proto=PROTOCOL_VERSION,
                                  task=TaskConfig(name="root-slot", owner_uid=0), extension=ext))
@@ -307,7 +307,7 @@ def test_a_task_cannot_submit_as_another_task(world):
 
     first, before, stolen, after, again = aio.run(main())
     assert stolen == {"uid": NOBODY, "type": "error", "ref": 7, "code": "unauthorized",
-                      "message": "this peer may not act for task root-submit"}
+                      "message": f"uid {NOBODY} may not act for task root-submit"}
     assert before == after == (1, 3, 0)             # nothing ran, nothing counted
     assert first.data.shape == again.data.shape == (1, HIDDEN)
     assert np.allclose(first.data, again.data, atol=1e-6)

@@ -15,8 +15,9 @@ import zmq
 from ipc import transport
 from ipc.errors import ErrorCode, FmplexError, InvalidRequest, UnknownTask
 from ipc.messages import PROTOCOL_VERSION, Error, Hello, Infer, InferReply, Role
-from tasklets.spec import Pipeline, SpecError, parse_spec
-from tests.helpers import REPO, Daemon, TaskProc, Traffic, short_tmpdir, write_head, write_spec
+from ipc.spec import Pipeline, SpecError, parse_spec
+from testkit.launch import REPO, Daemon, TaskProc, Traffic, short_tmpdir, write_spec
+from testkit.tiny import write_random_head as write_head
 
 HIDDEN = 32
 POSITIONS = 64            # the tiny backbone's limit
@@ -98,7 +99,7 @@ GARBAGE = [   # (what, frames, expected code, expected ref)
      ErrorCode.BAD_MESSAGE, 0),
     ("an unreferenced extra frame", [pack({"type": "infer", "ref": 15, "texts": ["a"]}), b"extra"],
      ErrorCode.BAD_FRAME, 15),
-    ("a message of another socket", [pack({"type": "hello", "ref": 16, "proto": 1, "role": "task"})],
+    ("a message of another socket", [pack({"type": "hello", "ref": 16, "proto": 2, "role": "task"})],
      ErrorCode.UNEXPECTED, 16),
 ]
 
@@ -230,7 +231,7 @@ def test_good_specs_parse():
 
 
 def task_run(spec_path: str, run_dir: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tasklets", "--run-dir", run_dir, "task", "run",
+    return subprocess.run([sys.executable, "-m", "fmplex", "--run-dir", run_dir, "task", "run",
                            spec_path], cwd=REPO, capture_output=True, timeout=120)
 
 

@@ -1,4 +1,4 @@
-"""Smoke test of the benchmarks: each `python bench/NAME.py --quick --out DIR` exits 0, writes its
+"""Smoke test of the benchmarks: each `python -m bench.NAME --quick --out DIR` exits 0, writes its
 JSON with the expected keys (and the machine block), and prints a markdown table last."""
 import json
 import os
@@ -14,7 +14,7 @@ BENCHES = {
     "scheduler": ("scheduler.json", {"form_batch_us", "submit_us", "requests_per_batch", "goal"}),
     "fairness": ("fairness.json", {"runs", "phase_s", "processes_left"}),
     "fairness_policy": ("fairness_policy.json", {"runs", "best_ratio_per_load"}),
-    "ipc": ("ipc.json", {"codec", "round_trip", "import", "goals"}),
+    "wire": ("wire.json", {"codec", "round_trip", "import", "goals"}),
     "chaos": ("chaos.json", {"summary", "tasks", "kills"}),
     "fuzz": ("fuzz.json", {"sockets", "check"}),
     "task_memory": ("task_memory.json", {"levels", "pass"}),
@@ -34,7 +34,7 @@ def last_block(stdout: str) -> list[str]:
 @pytest.mark.parametrize("name", sorted(BENCHES))
 def test_quick_run_writes_json_and_prints_a_table_last(name, tmp_path):
     filename, keys = BENCHES[name]
-    proc = subprocess.run([sys.executable, os.path.join("bench", f"{name}.py"), "--quick",
+    proc = subprocess.run([sys.executable, "-m", f"bench.{name}", "--quick",
                            "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
                           timeout=300, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

@@ -15,11 +15,13 @@ import pytest
 from ipc import aio
 from ipc.errors import RequestTimeout, TaskUnavailable
 from ipc.messages import ListTasks, TaskState
-from tasklets.client import AsyncClient
-from tests.helpers import REPO, Daemon, TaskProc, short_tmpdir, write_head, write_lora, write_spec
+from fmplex.client import AsyncClient
+from testkit.faults import fault_env
+from testkit.launch import REPO, Daemon, TaskProc, short_tmpdir, write_spec
+from testkit.tiny import write_random_head as write_head, write_random_lora as write_lora
 
 HIDDEN = 32
-FAULTS = {"FMPLEX_FAULTS": "hang=HANG,exit=EXIT"}
+FAULTS = fault_env("hang=HANG,exit=EXIT")
 # Liveness generous enough for a loaded 2-core machine (a re-registration bumps the version).
 SLACK = "heartbeat_ms = 200\nliveness_ms = 5000"
 TEXTS = [f"sentence number {i} about {w}" for i, w in enumerate(
@@ -150,7 +152,7 @@ def test_async_client_task_exiting_mid_call_fails_fast(env, faulty):
 # ---------------------------------------------------------------- the fmplex CLI
 
 def fmplex(run_dir: str, *args: str, timeout_s: float = 180) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "-m", "tasklets", "--run-dir", run_dir, *args], cwd=REPO,
+    out = subprocess.run([sys.executable, "-m", "fmplex", "--run-dir", run_dir, *args], cwd=REPO,
                          capture_output=True, timeout=timeout_s, text=True)
     return out
 

@@ -18,11 +18,11 @@ from ipc.errors import ErrorCode, ProtocolError
 from ipc.fields import Optional as OptionalSpec
 from ipc.fields import (WIRE_DTYPES, DecodeContext, EncodeContext, ListOf, Struct, Tensor,
                         schema_fields)
-from ipc.messages import (ALL_MESSAGES, Activation, BackboneInfo, Command, Commit, Committed,
+from ipc.messages import (ChildExit, Family, Spawn, Spawned, TargetInfo, ZygoteReady, ALL_MESSAGES, Activation, BackboneInfo, Command, Commit, Committed,
                           Deploy, Endpoint, Error, ExtensionSpec, HeadInput, HeadKind, HeadSpec,
                           Health, HealthReply, Heartbeat, Hello, Ia3Entry, Infer, InferReply, Info,
                           InfoReply, LabelScore, ListTasks, LoraEntry, Manifest, ManifestEntry,
-                          Module, Ok, Op, OpenRegions, Output, Pooling, PrepareUpdate, RegionInfo,
+                          Ok, Op, OpenRegions, Output, Pooling, PrepareUpdate, RegionInfo,
                           RegionsGranted, Register, Registered, RemoveTask, Resolve, Result, Role,
                           SlotEntry, SlotGrant, Submit, TaskCommand, TaskConfig, TaskList,
                           TaskState, TaskStats, TokenLabel, Unregister, UpdateReady, Welcome)
@@ -66,20 +66,24 @@ def roundtrip(msg):
 
 # ---------------------------------------------------------------- one valid instance of each message
 
-BACKBONE = BackboneInfo(name="minilm", model_type="bert", hidden=384, layers=6, heads=12,
-                        intermediate=1536, vocab=30522, max_positions=512, dtype="float32",
-                        tokenizer="/models/minilm/tokenizer.json", region_bytes=90_000_000,
-                        checksum="ab" * 16)
+BACKBONE = BackboneInfo(name="minilm", family=Family.TEXT_ENCODER, model_type="bert", hidden=384,
+                        layers=6, heads=12, intermediate=1536, dtype="float32",
+                        region_bytes=90_000_000, checksum="ab" * 16,
+                        targets=[TargetInfo(name="query", path="attention.self.query",
+                                            in_features=384, out_features=384),
+                                 TargetInfo(name="ffn_in", path="intermediate.dense",
+                                            in_features=384, out_features=1536)],
+                        max_positions=512, vocab=30522, tokenizer="/models/minilm/tokenizer.json")
 SLOT = SlotGrant(generation=3, size=2 * 4096, half_bytes=4096, half=1,
                  entries=[SlotEntry(name="lora.0.query.A", dtype="float32", shape=[8, 384], offset=0),
                           SlotEntry(name="head.w", dtype="float16", shape=[3, 384], offset=12288)],
                  token=b"\x00\xfftoken" * 4)
 FULL_EXT = ExtensionSpec(
     pooling=Pooling.MEAN,
-    lora=[LoraEntry(layer=0, module=Module.QUERY, rank=8, scale=2.0),
-          LoraEntry(layer=5, module=Module.FFN_OUT, rank=1024, scale=-0.5)],
-    ia3=[Ia3Entry(layer=1, module=Module.VALUE, feedforward=False),
-         Ia3Entry(layer=2, module=Module.FFN_IN, feedforward=True)],
+    lora=[LoraEntry(layer=0, module="query", rank=8, scale=2.0),
+          LoraEntry(layer=5, module="ffn_out", rank=1024, scale=-0.5)],
+    ia3=[Ia3Entry(layer=1, module="value", feedforward=False),
+         Ia3Entry(layer=2, module="ffn_in", feedforward=True)],
     prompt_tokens=20,
     head=HeadSpec(kind=HeadKind.MLP, input=HeadInput.TOKENS, num_labels=9, hidden=128,
                   activation=Activation.GELU))
@@ -101,16 +105,16 @@ def valid_messages():
         ("error-default-epoch", Error(ref=0, code=ErrorCode.INTERNAL, message="")),
         ("ok", Ok(ref=2**64 - 1, message="done")),
         ("ok-default", Ok(ref=0)),
-        ("hello", Hello(ref=3, proto=1, role=Role.TASK, pid=1234)),
-        ("welcome", Welcome(ref=3, proto=1, epoch=2**63 - 1, heartbeat_ms=500, backbones=[BACKBONE])),
-        ("welcome-empty", Welcome(ref=3, proto=1, epoch=1, heartbeat_ms=1, backbones=[])),
+        ("hello", Hello(ref=3, proto=2, role=Role.TASK, pid=1234)),
+        ("welcome", Welcome(ref=3, proto=2, epoch=2**63 - 1, heartbeat_ms=500, backbones=[BACKBONE])),
+        ("welcome-empty", Welcome(ref=3, proto=2, epoch=1, heartbeat_ms=1, backbones=[])),
         ("heartbeat", Heartbeat(epoch=99, seq=2**64 - 1)),
-        ("register", Register(ref=4, proto=1, task=TaskConfig(name="sentiment", owner_uid=1000, weight=0.5,
+        ("register", Register(ref=4, proto=2, task=TaskConfig(name="sentiment", owner_uid=1000, weight=0.5,
                                                      queue_limit=64, deadline_ms=2000,
-                                                     backbone="minilm"),
+                                                     backbone="minilm", family=Family.VISION),
                               extension=FULL_EXT, pid=77, endpoint="ipc:///tmp/x.sock",
                               tcp_endpoint="tcp://0.0.0.0:7000", server_key="Z" * 40)),
-        ("register-defaults", Register(ref=4, proto=1, task=TaskConfig(name="t", owner_uid=0),
+        ("register-defaults", Register(ref=4, proto=2, task=TaskConfig(name="t", owner_uid=0),
                                        extension=ExtensionSpec())),
         ("registered", Registered(ref=4, epoch=12345, slot=SLOT, backbone=BACKBONE, heartbeat_ms=250)),
         ("submit", Submit(epoch=1, ref=5, output=Output.TOKEN_LOGITS, lengths=[3, 5], ids=_ids(8),
@@ -153,7 +157,7 @@ def valid_messages():
         ("health-default", Health(ref=16)),
         ("health-reply", HealthReply(ref=16, live=True, ready=False, detail="loading")),
         ("infer", Infer(ref=17, texts=["héllo wörld", "✓ unicode"], pairs=["a", "b"], top_k=3,
-                        timeout_ms=100, proto=1)),
+                        timeout_ms=100, proto=2)),
         ("infer-no-pairs", Infer(ref=17, texts=[""])),
         ("infer-reply-full", InferReply(
             ref=17, task="x@canary", version=2, truncated=[False, True],
@@ -168,6 +172,13 @@ def valid_messages():
                 ManifestEntry(name="embeddings.word", dtype="bfloat16", shape=[30522, 384], offset=0),
                 ManifestEntry(name="scalar", dtype="float32", shape=[], offset=256)]),
             slot_size=8192, slot_generation=1)),
+        ("zygote-ready", ZygoteReady(pid=321)),
+        ("spawn", Spawn(ref=19, name="t@canary", spec="/run/fmplex/specs/t.toml",
+                        log="/run/fmplex/logs/t.log", env={"PATH": "/usr/bin", "EMPTY": ""},
+                        uid=65534, gid=65534)),
+        ("spawn-default", Spawn(ref=19, name="t", spec="/s.toml", log="/l.log", env={})),
+        ("spawned", Spawned(ref=19, pid=4321)),
+        ("child-exit", ChildExit(pid=4321, code=-9)),
     ]
 
 
@@ -354,12 +365,12 @@ def submit_header(**over):
 
 _DROP = object()
 IDS4 = _ids(4).tobytes()
-HELLO = {"type": "hello", "ref": 1, "proto": 1, "role": "task"}
+HELLO = {"type": "hello", "ref": 1, "proto": 2, "role": "task"}
 
 
 def test_hand_packed_headers_are_valid():
     assert codec.decode([pack(submit_header()), IDS4]).lengths == [2, 2]
-    assert codec.decode([pack(HELLO)]) == Hello(ref=1, proto=1, role=Role.TASK)
+    assert codec.decode([pack(HELLO)]) == Hello(ref=1, proto=2, role=Role.TASK)
 
 
 def test_unknown_type():
@@ -391,7 +402,7 @@ def test_missing_required_field(field):
 
 
 def test_missing_field_in_nested_struct():
-    header = {"type": "register", "ref": 1, "proto": 1, "task": {"owner_uid": 0}, "extension": {}}
+    header = {"type": "register", "ref": 1, "proto": 2, "task": {"owner_uid": 0}, "extension": {}}
     e = decode_err([pack(header)])
     assert e.code is ErrorCode.BAD_MESSAGE and "task.name" in e.message and "missing" in e.message
 
@@ -493,9 +504,8 @@ def test_int_out_of_range_names_the_path(header, path):
     ({**HELLO, "role": None}, "role"),
     (submit_header(output="everything"), "output"),
     ({"type": "error", "ref": 1, "code": "no_such_code", "message": ""}, "code"),
-    ({"type": "prepare_update", "epoch": 1, "ref": 1,
-      "extension": {"ia3": [{"layer": 0, "module": "mlp", "feedforward": True}]}},
-     "extension.ia3[0].module"),
+    ({"type": "register", "ref": 1, "proto": 2, "extension": {},
+      "task": {"name": "t", "owner_uid": 0, "family": "audio"}}, "task.family"),
 ])
 def test_bad_enum_value(header, path):
     frames = [pack(header)] + ([IDS4] if header["type"] == "submit" else [])
@@ -505,9 +515,9 @@ def test_bad_enum_value(header, path):
 
 
 @pytest.mark.parametrize("header,path", [
-    ({"type": "register", "ref": 1, "proto": 1, "task": {"name": "has space", "owner_uid": 0},
+    ({"type": "register", "ref": 1, "proto": 2, "task": {"name": "has space", "owner_uid": 0},
       "extension": {}}, "task.name"),
-    ({"type": "register", "ref": 1, "proto": 1, "task": {"name": "", "owner_uid": 0}, "extension": {}},
+    ({"type": "register", "ref": 1, "proto": 2, "task": {"name": "", "owner_uid": 0}, "extension": {}},
      "task.name"),
     ({"type": "resolve", "ref": 1, "name": "x" * 65}, "name"),
     ({"type": "resolve", "ref": 1, "name": "-leading-dash"}, "name"),
@@ -516,7 +526,7 @@ def test_bad_enum_value(header, path):
     (submit_header(lengths=[1] * 1025), "lengths"),
     (submit_header(lengths={"a": 1}), "lengths"),
     ({"type": "infer", "ref": 1, "texts": ["ok", 5]}, "texts[1]"),
-    ({"type": "register", "ref": 1, "proto": 1, "task": [], "extension": {}}, "task"),
+    ({"type": "register", "ref": 1, "proto": 2, "task": [], "extension": {}}, "task"),
 ])
 def test_strings_lists_and_structs_out_of_spec(header, path):
     frames = [pack(header)] + ([IDS4] if header["type"] == "submit" else [])
@@ -660,3 +670,13 @@ def test_peek_ref():
     assert codec.peek_ref([pack({"type": "nope", "ref": 5})]) == 5
     for bad in ([b"\xc1"], [pack({"ref": -1})], [pack({"ref": "1"})], [pack([1])], [], ["x"]):
         assert codec.peek_ref(bad) == 0
+
+
+def test_a_target_name_outside_its_pattern_names_the_path():
+    """Target names are the backbone family's (checked against BackboneInfo.targets when the slot
+    is laid out); the wire only bounds their form."""
+    header = {"type": "prepare_update", "epoch": 1, "ref": 1,
+              "extension": {"ia3": [{"layer": 0, "module": "Mlp!", "feedforward": True}]}}
+    e = decode_err([pack(header)])
+    assert e.code is ErrorCode.BAD_MESSAGE
+    assert e.message.startswith("field extension.ia3[0].module: ") and "does not match" in e.message

@@ -22,6 +22,7 @@ from ipc.errors import ErrorCode, ProtocolError
 from ipc.fields import (WIRE_DTYPES, Bool, Bytes, Enum, Float, Int, ListOf, MapOf, Optional, Spec,
                         Str, Struct, Tensor, schema_fields)
 from ipc.messages import ALL_MESSAGES, Message
+from testkit.fuzz.mutations import edit_frames, edit_header
 
 QUICK = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 SLOW = settings(max_examples=20_000, deadline=None, suppress_health_check=list(HealthCheck))
@@ -176,42 +177,6 @@ FRAME_EDIT = st.one_of(
     st.tuples(st.just("resize"), st.integers(1, 8), st.integers(-5, 5)),
     st.tuples(st.just("swap"), st.integers(1, 8), st.integers(1, 8)),
 )
-
-
-def edit_header(head: bytearray, op, pos, arg):
-    if not head and op != "insert":
-        return head
-    i = pos % max(len(head), 1)
-    if op == "flip":
-        head[i] ^= arg
-    elif op == "set":
-        head[i] = arg
-    elif op == "insert":
-        head[i:i] = arg
-    elif op == "delete":
-        del head[i:i + arg]
-    elif op == "truncate":
-        del head[i:]
-    return head
-
-
-def edit_frames(frames: list, op, pos, arg):
-    if op == "append":
-        frames.append(arg)
-        return frames
-    if len(frames) < 2:
-        return frames
-    i = 1 + (pos - 1) % (len(frames) - 1)
-    if op == "drop":
-        del frames[i]
-    elif op == "duplicate":
-        frames.insert(i, frames[i])
-    elif op == "resize":
-        frames[i] = frames[i][:max(len(frames[i]) + arg, 0)] + b"\x00" * max(arg, 0)
-    elif op == "swap":
-        j = 1 + (arg - 1) % (len(frames) - 1)
-        frames[i], frames[j] = frames[j], frames[i]
-    return frames
 
 
 def check_mutated(msg, header_edits, frame_edits):

@@ -8,11 +8,11 @@ from safetensors.numpy import save_file
 
 from ipc import aio
 from ipc.errors import ErrorCode, FmplexError, InvalidRequest, UnknownTask
-from ipc.messages import (PROTOCOL_VERSION, ExtensionSpec, Health, Info, LoraEntry, ListTasks, Module, Output,
+from ipc.messages import (PROTOCOL_VERSION, ExtensionSpec, Health, Info, LoraEntry, ListTasks, Output,
                           Register, RemoveTask, TaskConfig, TaskState)
 from tasklets.daemon_link import DaemonLink
 from ipc.addresses import RunDir
-from tests.helpers import Daemon, TaskProc, short_tmpdir, write_spec
+from testkit.launch import Daemon, TaskProc, short_tmpdir, write_spec
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_info_and_health(daemon, two_tasks):
 
 def test_control_register_and_remove(daemon):
     cfg = TaskConfig(name="ctl-registered", owner_uid=os.getuid())
-    ext = ExtensionSpec(lora=[LoraEntry(layer=0, module=Module.QUERY, rank=4, scale=2.0)])
+    ext = ExtensionSpec(lora=[LoraEntry(layer=0, module="query", rank=4, scale=2.0)])
     with daemon.client() as c:
         reg = c.control(Register(ref=c.ref(), proto=PROTOCOL_VERSION, task=cfg, extension=ext))
         assert reg.slot.entries[0].name == "lora.0.query.A" and reg.slot.entries[0].shape == [4, 32]
@@ -119,14 +119,14 @@ def register_raw(daemon, name, ext):
 
 
 def test_layer_the_backbone_lacks_is_refused(daemon):
-    ext = ExtensionSpec(lora=[LoraEntry(layer=7, module=Module.VALUE, rank=2, scale=1.0)])
+    ext = ExtensionSpec(lora=[LoraEntry(layer=7, module="value", rank=2, scale=1.0)])
     with pytest.raises(FmplexError) as e:
         register_raw(daemon, "too-deep", ext)
     assert e.value.code is ErrorCode.INVALID_EXTENSION and "2 layers" in e.value.message
 
 
 def test_rank_larger_than_the_layer_is_refused(daemon):
-    ext = ExtensionSpec(lora=[LoraEntry(layer=0, module=Module.KEY, rank=64, scale=1.0)])
+    ext = ExtensionSpec(lora=[LoraEntry(layer=0, module="key", rank=64, scale=1.0)])
     with pytest.raises(FmplexError) as e:
         register_raw(daemon, "too-wide", ext)
     assert e.value.code is ErrorCode.INVALID_EXTENSION and "rank 64" in e.value.message
@@ -185,3 +185,29 @@ def test_stale_epoch_is_refused(daemon):
 def test_invalid_input_from_a_client_is_typed(daemon, two_tasks):
     with daemon.client() as c, pytest.raises(InvalidRequest):
         c.infer("emb", ["a"], pairs=["b"])
+
+
+def test_one_daemon_hosts_two_backbones_and_serves_tasks_of_both(tiny_bert, tiny_roberta, specs):
+    """Two backbones (BERT and RoBERTa, 32 wide) in one daemon, each in its own region, each task
+    on the backbone its spec names; Info lists both regions and the targets of each."""
+    d = Daemon({"bert": tiny_bert, "roberta": tiny_roberta}).start()
+    procs = []
+    try:
+        paths = {b: write_spec(specs, f"on-{b}", f'pipeline = "text-embedding"\nbackbone = "{b}"')
+                 for b in ("bert", "roberta")}
+        procs = [TaskProc(p, d.run_dir).start() for p in paths.values()]
+        with d.client() as c:
+            a = c.infer("on-bert", ["the same words"]).embeddings
+            b = c.infer("on-roberta", ["the same words"]).embeddings
+            info = c.control(Info(ref=c.ref()))
+        assert a.shape == b.shape == (1, 32) and not np.allclose(a, b, atol=1e-3)
+        assert {bb.name: bb.model_type for bb in info.backbones} == {"bert": "bert",
+                                                                      "roberta": "roberta"}
+        assert all(bb.family.value == "text-encoder" and len(bb.targets) == 6
+                   for bb in info.backbones)
+        assert sorted(r.name for r in info.regions if r.kind == "backbone") == [
+            "backbone:bert", "backbone:roberta"]
+    finally:
+        for p in procs:
+            p.stop()
+        d.cleanup()

@@ -6,13 +6,13 @@ import re
 import subprocess
 import sys
 
-from tests.helpers import REPO
+from testkit.launch import REPO
 
 TASKS = ("sentiment", "topic", "embed", "similarity")
 
 
 def test_demo_quick_runs_end_to_end():
-    out = subprocess.run([sys.executable, "-m", "tasklets", "demo", "--quick"], cwd=REPO,
+    out = subprocess.run([sys.executable, "-m", "fmplex", "demo", "--quick"], cwd=REPO,
                          capture_output=True, text=True, timeout=600,
                          env={k: v for k, v in os.environ.items() if k != "FMPLEX_RUN_DIR"})
     text = out.stdout

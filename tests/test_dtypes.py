@@ -4,13 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from fmplexd.backbone import load_backbone
-from fmplexd.encoder import Encoder
-from fmplexd.executor import Executor, WorkItem
+from fmplexd.families import load_backbone
+from fmplexd.families.encoder.forward import Encoder
+from fmplexd.families.encoder.executor import Executor, WorkItem
 from ipc.messages import Output, Pooling
 from ipc.shm import to_bfloat16_bits
 from tasklets.adapters import build_extension
-from tests.helpers import commit_extension, write_lora
+from testkit.extensions import commit_extension
+from testkit.tiny import write_random_lora as write_lora
 
 TOL = {"float16": 5e-3, "bfloat16": 5e-2}      # relative to the output's scale
 
@@ -26,7 +27,7 @@ def test_bfloat16_rounding_matches_torch():
 def run(path, dtype, ext_dir, ids, lengths, output):
     bb = load_backbone("t", path, dtype)
     ex = Executor(Encoder(bb.config, bb.weights))
-    view = commit_extension(build_extension(ext_dir, pooling=Pooling.MEAN), bb.info)
+    view = commit_extension(build_extension(bb.info.targets, ext_dir, pooling=Pooling.MEAN), bb.info)
     assert view.lora[0][2].dtype == {"float32": torch.float32, "float16": torch.float16,
                                      "bfloat16": torch.bfloat16}[dtype]
     return ex.run([WorkItem(view, output, ids, lengths)])[0]

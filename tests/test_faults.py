@@ -13,14 +13,15 @@ import pytest
 from ipc.errors import (DaemonUnavailable, ErrorCode, FmplexError, RequestTimeout,
                         TaskUnavailable)
 from ipc.messages import Deploy, Health, ListTasks, TaskState
-from tests.helpers import Daemon, TaskProc, Traffic, short_tmpdir, wait_notify, write_spec
+from testkit.faults import fault_env
+from testkit.launch import Daemon, TaskProc, Traffic, short_tmpdir, wait_notify, write_spec
 
 FAULTS = "raise=RAISE,segfault=SEGV,hang=HANG,exit=EXIT"
 
 
 @pytest.fixture(scope="module")
 def env(tiny_bert):
-    d = Daemon(tiny_bert, env={"FMPLEX_FAULTS": FAULTS}).start()
+    d = Daemon(tiny_bert, env=fault_env(FAULTS)).start()
     specs = short_tmpdir("fmx-fault-")
     with d.client() as c:
         for name in ("victim", "bystander"):
@@ -166,7 +167,7 @@ def test_a_call_to_a_task_whose_process_is_gone_fails_fast(env):
     connection gets TaskUnavailable within the connect grace, not a timeout (sync and async)."""
     import asyncio
 
-    from tasklets.client import CONNECT_GRACE_S, AsyncClient
+    from fmplex.client import CONNECT_GRACE_S, AsyncClient
     specs = short_tmpdir("fmx-gone-")
     task = TaskProc(write_spec(specs, "gone", 'pipeline = "text-embedding"'), env.run_dir).start()
 

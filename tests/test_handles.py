@@ -62,7 +62,7 @@ client = HandleClient(path, timeout_s=10)
 if mode in ("read", "nobody"):
     out(**read_regions(client, 5))
 elif mode == "hold":
-    reply, _ = client.request(Hello(ref=1, proto=1, role=Role.TASK, pid=os.getpid()))
+    reply, _ = client.request(Hello(ref=1, proto=2, role=Role.TASK, pid=os.getpid()))
     out(type=reply.TYPE)
     sys.stdin.read()                      # until killed
 elif mode == "abuse":

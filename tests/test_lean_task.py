@@ -1,18 +1,21 @@
-"""Standard task processes are lean: they never import torch (DESIGN.md: "Standard tasks import no
-torch, so hundreds fit on a host"). Checked on real serving task processes (their memory maps) and
-on a fresh interpreter that imports every module a task process uses (sys.modules)."""
+"""Standard task processes and clients are lean: they never import torch (DESIGN.md: "Standard tasks
+import no torch, so hundreds fit on a host"). Checked on real serving task processes (their memory
+maps) and on fresh interpreters that import every module of the task process and of the
+user-facing client package (sys.modules)."""
 import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import REPO, Daemon, TaskProc, short_tmpdir, write_head, write_lora, write_spec
+from testkit.launch import REPO, Daemon, TaskProc, short_tmpdir, write_spec
+from testkit.tiny import write_random_head as write_head, write_random_lora as write_lora
 
 HIDDEN = 32
-TASK_MODULES = ("tasklets.process", "tasklets.pipeline", "tasklets.client", "tasklets.daemon_link",
-                "tasklets.endpoint", "tasklets.adapters", "tasklets.spec", "tasklets.cli",
-                "tasklets.render", "tasklets.faults", "tasklets.launch", "ipc.aio", "ipc.zap")
+TASK_MODULES = ("tasklets", "tasklets.process", "tasklets.pipeline", "tasklets.daemon_link",
+                "tasklets.endpoint", "tasklets.adapters", "tasklets.zygote", "ipc.spec", "ipc.aio",
+                "ipc.zap")
+CLIENT_MODULES = ("fmplex", "fmplex.client", "fmplex.cli", "fmplex.render", "fmplex.local_daemon")
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +56,10 @@ def test_serving_task_processes_map_no_torch(tasks):
         assert any("tokenizers" in f for f in files)          # it did load its native parts
 
 
-def test_task_modules_do_not_import_torch():
+@pytest.mark.parametrize("modules", [TASK_MODULES, CLIENT_MODULES], ids=["task", "client"])
+def test_task_and_client_modules_do_not_import_torch(modules):
     code = ("import importlib, sys\n"
-            f"for m in {TASK_MODULES!r}:\n"
+            f"for m in {modules!r}:\n"
             "    importlib.import_module(m)\n"
             "print('torch' in sys.modules, sorted(k for k in sys.modules if k.startswith('torch'))[:5])")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, timeout=120,

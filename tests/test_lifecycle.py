@@ -6,7 +6,8 @@ import pytest
 
 from ipc.errors import FmplexError, ErrorCode
 from ipc.messages import Deploy, Health, ListTasks, Op, RemoveTask, TaskCommand
-from tests.helpers import Daemon, Traffic, short_tmpdir, write_head, write_lora, write_spec
+from testkit.launch import Daemon, Traffic, short_tmpdir, write_spec
+from testkit.tiny import write_random_head as write_head, write_random_lora as write_lora
 
 HIDDEN = 32
 

@@ -25,8 +25,8 @@ import zmq
 from ipc import codec
 from ipc.errors import ErrorCode, FmplexError, OverloadedError
 from ipc.messages import PROTOCOL_VERSION, Error, Health, Infer, InferReply, ListTasks
-from tests.helpers import Daemon, TaskProc, short_tmpdir, write_spec
-from tests.test_socket_fuzz import fd_count, fd_links, rss_mb, settle
+from testkit.launch import Daemon, TaskProc, short_tmpdir, write_spec
+from testkit.fuzz.sockets import fd_count, fd_links, rss_mb, settle
 
 QUEUE_LIMIT = 8
 HEARTBEAT_CONFIG = "heartbeat_ms = 500\nliveness_ms = 5000"   # 2 shared cores under a flood
@@ -72,7 +72,7 @@ class Bystander:
     reference embedding; latencies are recorded."""
 
     def __init__(self, run_dir: str):
-        from tasklets.client import Client
+        from fmplex.client import Client
         self.client = Client(run_dir, timeout_s=30)
         self.text = ["the bystander's own input"]
         self.want = self.client.infer("bystander", self.text).embeddings
@@ -189,7 +189,7 @@ def test_async_clients_flooding_past_the_queue_limit_get_overloaded_errors(env):
     """Hundreds of concurrent AsyncClient calls: each ends in a reply or OverloadedError, none
     hangs. (Latencies are printed only: in one burst they mostly measure the burst's position in
     the task's receive queue; the closed-loop flood below compares them.)"""
-    from tasklets.client import AsyncClient
+    from fmplex.client import AsyncClient
 
     async def flood():
         async with AsyncClient(env.daemon.run_dir, timeout_s=60) as c:

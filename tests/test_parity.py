@@ -11,12 +11,12 @@ from safetensors.numpy import save_file
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from fmplexd.backbone import load_backbone  # noqa: E402
-from fmplexd.encoder import Encoder  # noqa: E402
-from fmplexd.executor import Executor, WorkItem  # noqa: E402
+from fmplexd.families import load_backbone  # noqa: E402
+from fmplexd.families.encoder.forward import Encoder  # noqa: E402
+from fmplexd.families.encoder.executor import Executor, WorkItem  # noqa: E402
 from ipc.messages import HeadInput, Output, Pooling  # noqa: E402
 from tasklets.adapters import build_extension  # noqa: E402
-from tests.helpers import commit_extension  # noqa: E402
+from testkit.extensions import commit_extension  # noqa: E402
 
 TOL = 1e-4
 TEXTS = ["a", "hello world", "the quick brown fox jumps over the lazy dog near the river bank",
@@ -114,7 +114,8 @@ def built(minilm, minilm_path, tok, tmp_path_factory):
         head_path, head_t = (None, None)
         if head is not None:
             head_path, head_t = random_head(tmp, name, head[0], minilm.info.hidden, head[1], seed)
-        ext = build_extension(adapter, head_path, pooling, head[2] if head else HeadInput.POOLED)
+        ext = build_extension(minilm.info.targets, adapter, head_path, pooling,
+                              head[2] if head else HeadInput.POOLED)
         view = commit_extension(ext, minilm.info, name)
         nv = view.prompt_tokens
 
@@ -183,7 +184,7 @@ def test_tiny_roberta_with_lora_matches_peft(tiny_roberta, tmp_path):
                                 peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
                                                 init_lora_weights=False)).eval()
     model.save_pretrained(str(tmp_path / "a"))
-    view = commit_extension(build_extension(str(tmp_path / "a")), bb.info)
+    view = commit_extension(build_extension(bb.info.targets, str(tmp_path / "a")), bb.info)
     rng = np.random.default_rng(0)
     seqs = [rng.integers(3, 1000, n).astype(np.int32) for n in (3, 17, 40, 64)]
     (result,) = ex.run([WorkItem(view, Output.TOKENS, np.concatenate(seqs), [len(s) for s in seqs])])

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import zmq
 
-from tests.helpers import Daemon, TaskProc, short_tmpdir, write_spec
+from testkit.launch import Daemon, TaskProc, short_tmpdir, write_spec
 
-PROTO = 1                       # §8
+PROTO = 2                       # §8
 HEARTBEAT_MS = 500              # the daemon below is configured with it (§10); generous, so that
 LIVENESS_MS = 5000              # a loaded CI machine does not make peers declare each other dead
 WAIT_MS = 10_000
@@ -147,8 +147,12 @@ def test_hello_gets_welcome_and_version_mismatch(ctx, daemon):
     assert head["type"] == "welcome" and head["ref"] == 1 and head["proto"] == PROTO
     assert 1 <= head["epoch"] < U63 and head["heartbeat_ms"] == HEARTBEAT_MS
     (bb,) = head["backbones"]
-    assert set(bb) == {"name", "model_type", "hidden", "layers", "heads", "intermediate", "vocab",
-                       "max_positions", "dtype", "tokenizer", "region_bytes", "checksum"}
+    assert set(bb) == {"name", "family", "model_type", "hidden", "layers", "heads", "intermediate",
+                       "vocab", "max_positions", "dtype", "tokenizer", "region_bytes", "checksum",
+                       "targets"}
+    assert bb["family"] == "text-encoder"
+    assert {t["name"]: (t["path"], t["in_features"], t["out_features"]) for t in bb["targets"]}[
+        "ffn_in"] == ("intermediate.dense", 32, 64)
     assert (bb["name"], bb["model_type"], bb["hidden"], bb["layers"]) == ("default", "bert", 32, 2)
     assert bb["dtype"] == "float32" and len(bb["checksum"]) == 32
 
@@ -352,7 +356,7 @@ def test_a_raw_task_registers_commits_serves_and_updates(ctx, daemon, emb_task):
         welcome = t.hello()
         info = welcome["backbones"][0]
         ext = {"pooling": "mean", "lora": [{"layer": 0, "module": "query", "rank": 2, "scale": 1.0}]}
-        reg, _ = t.request("register", proto=1, task={"name": "rawtask", "owner_uid": os.getuid()},
+        reg, _ = t.request("register", proto=2, task={"name": "rawtask", "owner_uid": os.getuid()},
                            extension=ext, pid=os.getpid())
         assert reg["type"] == "registered" and 1 <= reg["epoch"] < U63
         assert reg["epoch"] != welcome["epoch"] and reg["heartbeat_ms"] == HEARTBEAT_MS
@@ -439,7 +443,7 @@ def relay(ctx, daemon, name: str, answer) -> dict:
     op = control(ctx, daemon)
     try:
         t.hello()
-        reg, _ = t.request("register", proto=1, task={"name": name, "owner_uid": os.getuid()}, extension={})
+        reg, _ = t.request("register", proto=2, task={"name": name, "owner_uid": os.getuid()}, extension={})
         t.epoch = reg["epoch"]
         t.open_slot(reg["slot"]).close()                                   # no tensors to write
         assert t.request("commit", generation=1, half=0)[0]["type"] == "committed"

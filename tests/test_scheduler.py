@@ -255,3 +255,46 @@ def test_taken_requests_do_not_pile_up_in_deadline_buckets():
     filed = sum(len(b) for b in s._buckets.values())
     assert filed <= 2 * s.queued + 4096 + 1
     assert s.next_deadline() is None and s.queued == 0
+
+
+def test_two_groups_share_one_policy_by_weight_and_price():
+    """Tasks of two backbones (groups) in one scheduler: each batch holds one group's requests, and
+    under saturation the device time (cost x price) follows the weights 1:3 across groups."""
+    s = Scheduler(token_budget=64, max_requests=8)
+    s.set_price("slow", 4.0)                      # a token of "slow" takes 4x the device time
+    s.add_task("a", 1.0, 10_000, group="fast")
+    s.add_task("b", 3.0, 10_000, group="slow")
+    device = {"a": 0.0, "b": 0.0}
+    price = {"a": 1.0, "b": 4.0}
+    for _ in range(2000):
+        for k in device:
+            while s.task_stats(k)["queued"] < 10:
+                s.submit(Request(k, 16, 1e9))
+        b = s.form_batch(0.0)
+        assert len({r.task for r in b.requests}) == 1 and b.group in ("fast", "slow")
+        for r in b.requests:
+            device[r.task] += r.cost * price[r.task]
+    share = device["b"] / (device["a"] + device["b"])
+    assert abs(share - 0.75) < 0.02, share
+
+
+def test_charge_counts_work_done_outside_batches():
+    """A decoder charges generated tokens with `charge`: the charged task falls behind in turn."""
+    s = Scheduler(token_budget=32, max_requests=1)
+    for k in "ab":
+        s.add_task(k, 1.0, 100)
+        fill(s, k, 20, cost=32)
+    s.charge("a", 320)                            # ten requests' worth served elsewhere
+    order = [s.form_batch(0.0).requests[0].task for _ in range(12)]
+    assert order[:10] == ["b"] * 10 and set(order[10:]) == {"a", "b"}
+
+
+def test_requeue_puts_a_taken_request_first_again():
+    s = Scheduler(token_budget=32, max_requests=1)
+    s.add_task("a", 1.0, 2)
+    first, second = fill(s, "a", 2, cost=32)
+    taken = s.form_batch(0.0).requests[0]
+    assert taken is first
+    s.requeue(taken)                               # over the queue limit: requeue ignores it
+    assert s.task_stats("a")["queued"] == 2
+    assert [s.form_batch(0.0).requests[0] for _ in range(2)] == [first, second]

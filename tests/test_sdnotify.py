@@ -10,7 +10,7 @@ import pytest
 from fmplexd.sdnotify import Notifier
 from fmplexd.supervisor import BACKOFF_MAX_S, BACKOFF_MIN_S, restart_delay
 from ipc.messages import Deploy, ListTasks
-from tests.helpers import REPO, Daemon, short_tmpdir, wait_notify, write_spec
+from testkit.launch import REPO, Daemon, short_tmpdir, wait_notify, write_spec
 
 
 def read_all(sock: socket.socket, until: bytes, timeout_s: float) -> list[bytes]:

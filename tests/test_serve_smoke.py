@@ -1,4 +1,4 @@
-"""Smoke test of the serving benchmark: `python bench/serve.py --quick --out DIR` exits 0, writes
+"""Smoke test of the serving benchmark: `python -m bench.serve --quick --out DIR` exits 0, writes
 serve.json with every section, the three PNG plots, and prints a markdown table last; the three
 systems give the same answers; no process it started is left behind; `fmplex bench serve` reaches
 the same script."""
@@ -24,7 +24,7 @@ def _children_of(pid: int) -> set[int]:
 
 def test_quick_run(tmp_path):
     before = _children_of(os.getpid())
-    proc = subprocess.run([sys.executable, os.path.join("bench", "serve.py"), "--quick", "--out",
+    proc = subprocess.run([sys.executable, "-m", "bench.serve", "--quick", "--out",
                            str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=900,
                           env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
@@ -59,7 +59,7 @@ def test_quick_run(tmp_path):
 
 
 def test_fmplex_bench_serve_reaches_the_script():
-    proc = subprocess.run([sys.executable, "-m", "tasklets", "bench", "serve", "--help"], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "fmplex", "bench", "serve", "--help"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "--quick" in proc.stdout and "co-located" in proc.stdout

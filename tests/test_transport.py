@@ -101,7 +101,7 @@ from ipc import transport
 from ipc.messages import Hello, Role
 ctx = zmq.Context()
 sock = transport.dealer(ctx, sys.argv[1])
-transport.send(sock, Hello(ref=1, proto=1, role=Role.TASK, pid=os.getpid()))
+transport.send(sock, Hello(ref=1, proto=2, role=Role.TASK, pid=os.getpid()))
 sys.stdin.read()                 # stay connected until killed
 """
 
@@ -127,7 +127,7 @@ os.setgid(65534)
 os.setuid(65534)
 ctx = zmq.Context()
 sock = transport.dealer(ctx, sys.argv[1])
-transport.send(sock, Hello(ref=2, proto=1, role=Role.CLIENT, pid=os.getpid()))
+transport.send(sock, Hello(ref=2, proto=2, role=Role.CLIENT, pid=os.getpid()))
 sys.stdin.read()
 """
 
@@ -190,7 +190,7 @@ def test_malformed_message_is_received_and_can_be_answered(ctx, run_dir):
 def test_user_id_is_none_without_zap(ctx, run_dir):
     r = transport.router(ctx, addr(run_dir))
     d = transport.dealer(ctx, addr(run_dir))
-    transport.send(d, Hello(ref=1, proto=1, role=Role.CLIENT))
+    transport.send(d, Hello(ref=1, proto=2, role=Role.CLIENT))
     env = recv_within(r, router_side=True)
     assert env.user_id() is None and env.peer_uid() is None
     assert transport.Envelope(b"id", [b"copied bytes"]).user_id() is None
@@ -234,7 +234,7 @@ def test_send_to_an_identity_that_never_connected_raises_peer_gone(ctx, run_dir)
     assert info.value.code is ErrorCode.TASK_UNAVAILABLE
     # A failed send leaves the socket usable (no half-sent multipart message).
     d = transport.dealer(ctx, addr(run_dir))
-    transport.send(d, Hello(ref=1, proto=1, role=Role.TASK))
+    transport.send(d, Hello(ref=1, proto=2, role=Role.TASK))
     env = recv_within(r, router_side=True)
     transport.send(r, Ok(ref=1), env.identity)
     assert recv_within(d, router_side=False).decode() == Ok(ref=1)
@@ -274,7 +274,7 @@ def test_send_to_a_peer_whose_process_died_raises_peer_gone(ctx, run_dir, spawn)
 def test_send_to_a_peer_that_does_not_read_raises_peer_busy(ctx, run_dir):
     r = transport.router(ctx, addr(run_dir), hwm=1)
     d = transport.dealer(ctx, addr(run_dir), hwm=1)
-    transport.send(d, Hello(ref=1, proto=1, role=Role.TASK))
+    transport.send(d, Hello(ref=1, proto=2, role=Role.TASK))
     env = recv_within(r, router_side=True)
     big = Result(epoch=1, ref=1, version=0, output=Output.POOLED,
                  data=np.zeros((256, 1024), np.float32))          # 1 MiB per message
@@ -389,9 +389,9 @@ def test_zap_accepts_root_and_refuses_uid_65534(run_dir):
             assert await r.poll(1000) == 0
 
             d = transport.dealer(sctx, addr(run_dir))
-            transport.send(d, Hello(ref=1, proto=1, role=Role.TASK, pid=os.getpid()))
+            transport.send(d, Hello(ref=1, proto=2, role=Role.TASK, pid=os.getpid()))
             env = await asyncio.wait_for(transport.recv(r, router_side=True), WAIT_S)
-            assert env.decode() == Hello(ref=1, proto=1, role=Role.TASK, pid=os.getpid())
+            assert env.decode() == Hello(ref=1, proto=2, role=Role.TASK, pid=os.getpid())
             assert env.user_id() == "0" and env.peer_uid() == 0
             assert any(q.ipc_uid == 0 and q.address.endswith(f":0:0:{os.getpid()}")
                        for q in requests)
@@ -422,7 +422,7 @@ def test_zap_policy_that_raises_refuses_the_connection(run_dir):
         try:
             r = transport.router(actx, addr(run_dir), zap_domain=b"fmplex")
             d = transport.dealer(sctx, addr(run_dir))
-            transport.send(d, Hello(ref=1, proto=1, role=Role.TASK))
+            transport.send(d, Hello(ref=1, proto=2, role=Role.TASK))
             await asyncio.wait_for(calls.wait(), WAIT_S)
             assert await r.poll(500) == 0
         finally:

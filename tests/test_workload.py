@@ -59,8 +59,8 @@ def test_lengths_within_bounds_and_lognormal_median():
 def test_texts_have_exactly_the_drawn_number_of_tokens():
     tokenizers = pytest.importorskip("tokenizers")
     try:
-        from fmplexd.backbone import embedded_backbone_path
-        path = os.path.join(embedded_backbone_path(), "tokenizer.json")
+        from fmplexd.families.embedded import embedded_path
+        path = os.path.join(embedded_path("minilm"), "tokenizer.json")
     except RuntimeError:
         pytest.skip("the embedded backbone is not installed")
     tok = tokenizers.Tokenizer.from_file(path)

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from ipc.messages import Deploy, Health, ListTasks
-from tests.helpers import REPO, Daemon, short_tmpdir, write_spec
+from testkit.launch import REPO, Daemon, short_tmpdir, write_spec
 
 MB = 1 << 20
 
@@ -89,7 +89,7 @@ def test_without_the_zygote_each_task_is_execd_by_the_daemon(tiny_bert):
         with d.client() as c:
             task = psutil.Process(pids(c)["plain"])
             assert task.parent().pid == d.proc.pid
-            assert "task" in task.cmdline() and "run" in task.cmdline()
+            assert task.cmdline()[1:3] == ["-m", "tasklets"]
             assert c.infer("plain", ["exec'd"]).embeddings.shape == (1, 32)
     finally:
         d.cleanup()
@@ -106,13 +106,22 @@ def test_the_zygote_answers_malformed_requests_and_exits_on_eof():
         ours.send(data)
         return msgpack.unpackb(ours.recv(1 << 16))
     try:
-        assert msgpack.unpackb(ours.recv(1 << 16))["ready"]
-        reply = ask(msgpack.packb({"op": "spawn", "id": 7}))          # fields missing
-        assert reply["id"] == 7 and "KeyError" in reply["error"]
+        ready = msgpack.unpackb(ours.recv(1 << 16))                   # the typed wire (ipc/)
+        assert ready == {"type": "zygote_ready", "pid": proc.pid}
+        reply = ask(msgpack.packb({"type": "spawn", "ref": 7}))       # fields missing
+        assert reply["type"] == "error" and reply["ref"] == 7
+        assert reply["code"] == "bad_message" and "missing" in reply["message"]
         reply = ask(b"\xc1")                                          # not msgpack at all
-        assert reply["id"] == -1 and reply["error"]                   # (not the last request's id)
-        reply = ask(msgpack.packb({"op": "reboot", "id": 8}))
-        assert reply["id"] == 8 and "unknown op" in reply["error"]
+        assert reply["type"] == "error" and reply["ref"] == 0         # (not the last request's)
+        assert reply["code"] == "bad_frame"
+        reply = ask(msgpack.packb({"type": "reboot", "ref": 8}))
+        assert (reply["ref"], reply["code"]) == (8, "unknown_type")
+        reply = ask(msgpack.packb({"type": "spawned", "ref": 9, "pid": 1}))  # not a request
+        assert (reply["ref"], reply["code"]) == (9, "unexpected")
+        reply = ask(msgpack.packb({"type": "spawn", "ref": 10, "name": "t", "spec": "/x.toml",
+                                   "log": "/nonexistent-dir/t.log", "env": {}}))
+        assert (reply["ref"], reply["code"]) == (10, "internal")      # a spawn that cannot fork
+        assert "FileNotFoundError" in reply["message"]
     finally:
         ours.close()                                                  # EOF: the zygote exits
         proc.wait(30)

@@ -19,9 +19,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
-from fmplexd.backbone import read_config, read_weights
-from fmplexd.encoder import HF_MODULES, Encoder, ModuleExt, PackedInput
-from ipc.messages import Module
+from fmplexd.families.encoder.forward import Encoder, ModuleExt, PackedInput
+from fmplexd.families.encoder.loader import TARGETS, read_config, read_weights
 from kernels.attention import plan_varlen
 from kernels.lora import LoraSegment
 
@@ -33,7 +32,7 @@ class Recipe:
     task: str                   # key in data.json
     rank: int
     alpha: float
-    modules: tuple[Module, ...]
+    modules: tuple[str, ...]           # encoder targets (fmplexd.families.encoder.loader)
     layers: tuple[int, ...] = (5,)     # LoRA on the top layer(s): the frozen rest runs once
     mlp_hidden: int = 0                # 0 = linear head
     steps: int = 15
@@ -82,7 +81,7 @@ def train(backbone_dir: str, recipe: Recipe, out_dir: str, seed: int = 0) -> Tra
     lora = {}
     for layer in recipe.layers:
         for m in recipe.modules:
-            fan_out, fan_in = encoder.w[f"encoder.layer.{layer}.{HF_MODULES[m]}.weight"].shape
+            fan_out, fan_in = encoder.w[f"encoder.layer.{layer}.{TARGETS[m]}.weight"].shape
             A = (torch.randn(recipe.rank, fan_in) / fan_in ** 0.5).requires_grad_()
             B = torch.zeros(fan_out, recipe.rank, requires_grad=True)      # PEFT's init: B = 0
             lora[(layer, m)] = (A, B)
@@ -134,14 +133,14 @@ def write_peft_lora(path: str, lora: dict, recipe: Recipe) -> None:
     os.makedirs(path, exist_ok=True)
     tensors = {}
     for (layer, m), (A, B) in lora.items():
-        key = f"base_model.model.encoder.layer.{layer}.{HF_MODULES[m]}"
+        key = f"base_model.model.encoder.layer.{layer}.{TARGETS[m]}"
         tensors[f"{key}.lora_A.weight"] = A.detach().contiguous()
         tensors[f"{key}.lora_B.weight"] = B.detach().contiguous()
     save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
     config = {
         "peft_type": "LORA", "task_type": "FEATURE_EXTRACTION", "r": recipe.rank,
         "lora_alpha": recipe.alpha, "lora_dropout": 0.0, "bias": "none",
-        "target_modules": sorted({HF_MODULES[m] for m in recipe.modules}),
+        "target_modules": sorted({TARGETS[m] for m in recipe.modules}),
         "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
         "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
         "layers_to_transform": sorted(recipe.layers), "layers_pattern": None, "rank_pattern": {},

@@ -1,7 +1,7 @@
 """Random fixtures for tests and benchmarks: tiny encoder checkpoints in Hugging Face format,
 PEFT-format LoRA adapter directories and head files.
 
-    python -m fmplexd.tiny OUT_DIR [--family bert|roberta] [--hidden 32] [--layers 2] [--seed 0]
+    python -m testkit.tiny OUT_DIR [--family bert|roberta] [--hidden 32] [--layers 2] [--seed 0]
 
 A checkpoint is config.json, model.safetensors and, when the embedded backbone is installed, its
 tokenizer.json and vocab.txt (the vocabulary size then follows the tokenizer), so task processes can
@@ -64,8 +64,8 @@ def write_tiny(out: str, family: str = "bert", hidden: int = 32, layers: int = 2
     os.makedirs(out, exist_ok=True)
     vocab = MINILM_VOCAB
     try:
-        from fmplexd.backbone import embedded_backbone_path
-        src = embedded_backbone_path()
+        from fmplexd.families.embedded import embedded_path
+        src = embedded_path("minilm")
         for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
             if os.path.exists(os.path.join(src, f)):
                 shutil.copy(os.path.join(src, f), os.path.join(out, f))

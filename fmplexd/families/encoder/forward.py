@@ -1,4 +1,4 @@
-"""The BERT-family encoder forward over a packed multi-task batch, with per-segment extensions.
+"""The text-encoder family's forward (BERT, RoBERTa, MiniLM) over a packed multi-task batch, with per-segment extensions.
 
 Short and flat on purpose: embed -> layers -> hidden states. Shapes: T = total rows of the packed
 batch (every sequence's virtual prompt rows + real token rows, sequences back to back), H = hidden.
@@ -14,20 +14,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from fmplexd.backbone import EncoderConfig
-from ipc.messages import Module
+from fmplexd.families.encoder.loader import TARGETS, EncoderConfig
 from kernels.attention import VarlenPlan, varlen_attention
 from kernels.lora import LoraSegment, segmented_lora
 from kernels.scaling import ScaleSegment, segmented_scale, segmented_scale_
 
 ACTIVATIONS = {"gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
                "relu": F.relu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
-
-HF_MODULES = {
-    Module.QUERY: "attention.self.query", Module.KEY: "attention.self.key",
-    Module.VALUE: "attention.self.value", Module.ATTN_OUT: "attention.output.dense",
-    Module.FFN_IN: "intermediate.dense", Module.FFN_OUT: "output.dense",
-}
 
 
 @dataclass(slots=True)
@@ -44,7 +37,7 @@ class PackedInput:
 
     ids/type_ids/positions: (T,) long. prompt_rows: (P,) rows that hold virtual tokens, filled from
     prompt_values (P, H) instead of the word embedding. plan: attention buckets of the sequences.
-    ext[(layer, module)]: the batch's extensions of that linear layer (absent = none).
+    ext[(layer, target)]: the batch's extensions of that linear layer (absent = none).
     """
     ids: torch.Tensor
     type_ids: torch.Tensor
@@ -52,7 +45,7 @@ class PackedInput:
     plan: VarlenPlan
     prompt_rows: torch.Tensor | None = None
     prompt_values: torch.Tensor | None = None
-    ext: dict[tuple[int, Module], ModuleExt] = field(default_factory=dict)
+    ext: dict[tuple[int, str], ModuleExt] = field(default_factory=dict)
 
 
 class Encoder:
@@ -73,12 +66,13 @@ class Encoder:
         return F.layer_norm(x, (self.cfg.hidden,), w["embeddings.LayerNorm.weight"],
                             w["embeddings.LayerNorm.bias"], self.cfg.eps)
 
-    def linear(self, x: torch.Tensor, layer: int, module: Module, batch: PackedInput,
+    def linear(self, x: torch.Tensor, layer: int, target: str, batch: PackedInput,
                owned: bool = False) -> torch.Tensor:
-        """One (extended) linear layer. `owned`: x is a temporary of this layer only, so input
-        scaling may happen in place instead of copying the whole (T, in) tensor."""
-        name = f"encoder.layer.{layer}.{HF_MODULES[module]}"
-        ext = batch.ext.get((layer, module))
+        """One (extended) linear layer (`target` as in loader.TARGETS). `owned`: x is a temporary
+        of this layer only, so input scaling may happen in place instead of copying the (T, in)
+        tensor."""
+        name = f"encoder.layer.{layer}.{TARGETS[target]}"
+        ext = batch.ext.get((layer, target))
         if ext is None:
             return F.linear(x, self.w[name + ".weight"], self.w[name + ".bias"])
         x = (segmented_scale_ if owned else segmented_scale)(x, ext.scale_in)
@@ -89,15 +83,15 @@ class Encoder:
     def layer(self, i: int, x: torch.Tensor, batch: PackedInput) -> torch.Tensor:
         w, cfg = self.w, self.cfg
         p = f"encoder.layer.{i}."
-        q = self.linear(x, i, Module.QUERY, batch)                               # (T, H)
-        k = self.linear(x, i, Module.KEY, batch)
-        v = self.linear(x, i, Module.VALUE, batch)
+        q = self.linear(x, i, "query", batch)                               # (T, H)
+        k = self.linear(x, i, "key", batch)
+        v = self.linear(x, i, "value", batch)
         ctx = varlen_attention(q, k, v, batch.plan, cfg.heads)                    # (T, H)
-        a = self.linear(ctx, i, Module.ATTN_OUT, batch, owned=True)
+        a = self.linear(ctx, i, "attn_out", batch, owned=True)
         x = F.layer_norm(a + x, (cfg.hidden,), w[p + "attention.output.LayerNorm.weight"],
                          w[p + "attention.output.LayerNorm.bias"], cfg.eps)
-        h = self.act(self.linear(x, i, Module.FFN_IN, batch))                    # (T, I)
-        o = self.linear(h, i, Module.FFN_OUT, batch, owned=True)                  # (T, H)
+        h = self.act(self.linear(x, i, "ffn_in", batch))                    # (T, I)
+        o = self.linear(h, i, "ffn_out", batch, owned=True)                  # (T, H)
         return F.layer_norm(o + x, (cfg.hidden,), w[p + "output.LayerNorm.weight"],
                             w[p + "output.LayerNorm.bias"], cfg.eps)
 

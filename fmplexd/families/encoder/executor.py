@@ -1,4 +1,4 @@
-"""The batched multi-task executor: one encoder forward for a batch of requests of many tasks.
+"""The text-encoder family's executor: one encoder forward for a batch of requests of many tasks.
 
 `Executor.run(items)` packs every sequence of every item back to back (no padding to the longest;
 attention is bucketed by length in kernels.attention), with each task's rows contiguous so its
@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from fmplexd.encoder import Encoder, ModuleExt, PackedInput
+from fmplexd.families.encoder.forward import Encoder, ModuleExt, PackedInput
 from fmplexd.slots import ExtensionView
 from ipc.messages import Output, Pooling
 from kernels.attention import plan_varlen

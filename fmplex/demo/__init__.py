@@ -53,16 +53,14 @@ def _specs(work: str, trained: dict) -> dict[str, str]:
 
 
 def _train(work: str) -> dict:
-    from fmplexd.backbone import embedded_backbone_path
-    from ipc.messages import Module
-    from tasklets.demo.train import Recipe, train
-    recipes = {"sentiment": Recipe("sentiment", 8, 16, (Module.QUERY, Module.VALUE)),
-               "topic": Recipe("topic", 4, 8, (Module.QUERY, Module.KEY, Module.VALUE, Module.FFN_IN),
-                               mlp_hidden=64)}
+    from fmplex.demo.train import Recipe, train
+    from fmplexd.families.embedded import embedded_path
+    recipes = {"sentiment": Recipe("sentiment", 8, 16, ("query", "value")),
+               "topic": Recipe("topic", 4, 8, ("query", "key", "value", "ffn_in"), mlp_hidden=64)}
     trained = {}
     for name, r in recipes.items():
-        trained[name] = t = train(embedded_backbone_path(), r, work)
-        mods = "/".join(m.value for m in r.modules)
+        trained[name] = t = train(embedded_path("minilm"), r, work)
+        mods = "/".join(r.modules)
         head = f"MLP head ({r.mlp_hidden})" if r.mlp_hidden else "linear head"
         print(f"  {name:10s} LoRA r={r.rank} on {mods} (layer {','.join(map(str, r.layers))}) + "
               f"{head}: trained {t.seconds:.1f}s on {t.examples} bundled sentences, "
@@ -73,7 +71,7 @@ def _train(work: str) -> dict:
 
 
 def _inputs() -> list[str]:
-    from tasklets.demo.train import load_data
+    from fmplex.demo.train import load_data
     return load_data("sentiment")["texts"] + load_data("topic")["texts"]
 
 
@@ -123,7 +121,7 @@ def _table(lat: dict, samples: dict) -> None:
 
 
 def _samples(c) -> tuple[dict, bool]:
-    from tasklets.render import summary
+    from fmplex.render import summary
     ok, samples = True, {}
     print("\nchecks on obvious inputs:")
     for task, text, pair, want in CHECKS:
@@ -143,7 +141,7 @@ def _samples(c) -> tuple[dict, bool]:
 
 
 def _memory(c, daemon) -> None:
-    from tasklets.launch import pss_bytes
+    from fmplex.local_daemon import pss_bytes
     info = c.control(Info(ref=c.ref()))
     tasks = c.control(ListTasks(ref=c.ref())).tasks
     bb = next(r for r in info.regions if r.kind == "backbone")
@@ -158,8 +156,8 @@ def _memory(c, daemon) -> None:
 
 
 def run_demo(requests: int = 400, clients: int = 8, quick: bool = False) -> int:
-    from tasklets.launch import DaemonProcess, short_tmpdir
-    from tasklets.render import task_table
+    from fmplex.local_daemon import LocalDaemon, short_tmpdir
+    from fmplex.render import task_table
     if quick:
         requests, clients = min(requests, 80), min(clients, 4)
     work = short_tmpdir("fmplex-demo-")
@@ -171,7 +169,7 @@ def run_demo(requests: int = 400, clients: int = 8, quick: bool = False) -> int:
         specs = _specs(work, trained)
         t0 = time.perf_counter()
         os.makedirs(daemon_dir := os.path.join(work, "daemon"))
-        daemon = DaemonProcess("embedded", workdir=daemon_dir).start()
+        daemon = LocalDaemon("embedded", workdir=daemon_dir).start()
         print(f"\nfmplexd ready in {time.perf_counter() - t0:.1f}s (run dir {daemon.run_dir})")
         with daemon.client(timeout_s=60) as c:
             for name, path in specs.items():
@@ -198,6 +196,5 @@ def run_demo(requests: int = 400, clients: int = 8, quick: bool = False) -> int:
         return 0 if ok else 1
     finally:
         if daemon is not None:
-            daemon.stop()
-            daemon.notify.close()
+            daemon.close()
         shutil.rmtree(work, ignore_errors=True)

@@ -1,46 +1,58 @@
-"""Shared test helpers: write an extension into a real slot (as a task process would) and commit
-it; start real daemons and task processes and wait on their own signals (sd_notify READY, the task's
-"serving" log line), never on sleeps; clean every process up."""
+"""Real fmplexd daemons and task processes for tests and benchmarks, waited on by their own signals
+(sd_notify READY, the task's "serving" log line), never by sleeps; every process is cleaned up.
+
+    DaemonProcess(backbone, config)   fmplex.local_daemon.LocalDaemon, remembered in LIVE until
+                                      cleaned up (conftest prints the logs of live daemons on a
+                                      failure), with its tasks' logs
+    TaskProc(spec_path, run_dir)      a real `python -m tasklets SPEC` process
+    Traffic(run_dir, tasks)           a background client that records every outcome
+"""
 from __future__ import annotations
 
 import contextlib
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
-from fmplexd.slots import ExtensionView, Slot
-from ipc.messages import BackboneInfo
-from ipc.shm import MappedRegion, store
-from tasklets.adapters import Extension, validate
-from fmplexd.tiny import write_random_head, write_random_lora
-from tasklets.launch import REPO, DaemonProcess, short_tmpdir, wait_notify  # noqa: F401
+from fmplex.local_daemon import LocalDaemon, pss_bytes, short_tmpdir, wait_notify  # noqa: F401
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LIVE: list["DaemonProcess"] = []
 
 
-def commit_extension(ext: Extension, info: BackboneInfo, name: str = "t") -> ExtensionView:
-    """Validate, write into a fresh slot through a writable mapping, commit; return the view."""
-    validate(ext, info)
-    slot = Slot(name, ext.spec, info, generation=1)
-    writer = MappedRegion(slot.fd, slot.size, writable=True)
-    base = slot.writable_half * slot.half_bytes
-    for e in slot.entries:
-        store(writer.array(e, base), ext.tensors[e.name], e.dtype)
-    slot.commit(slot.writable_half)
-    writer.close()
-    return slot.active
+class DaemonProcess(LocalDaemon):
+    """A real fmplexd subprocess in a private directory; `backbone` is one path or {name: path}."""
+
+    def __init__(self, backbone: str | dict = "embedded", config: str = "", env: dict | None = None,
+                 workdir: str | None = None, threads: int = 0):
+        super().__init__(backbone, config, env, workdir, threads)
+        LIVE.append(self)
+
+    def logs(self, tail: int = 4000) -> str:
+        """The daemon's log and its supervised tasks' logs (last `tail` characters of each)."""
+        parts = [f"--- fmplexd log ({self.log_path})\n{self.log_text()[-tail:]}"]
+        log_dir = os.path.join(self.run_dir, "logs")
+        for name in sorted(os.listdir(log_dir)) if os.path.isdir(log_dir) else []:
+            with open(os.path.join(log_dir, name), errors="replace") as f:
+                parts.append(f"--- task log {name}\n{f.read()[-tail:]}")
+        return "\n".join(parts)
+
+    def cleanup(self) -> None:
+        self.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        if self in LIVE:
+            LIVE.remove(self)
 
 
-class Daemon(DaemonProcess):
-    """A real fmplexd subprocess on the given backbone directory (see tasklets.launch)."""
-
-    def __init__(self, backbone: str, config: str = "", env: dict | None = None):
-        super().__init__(backbone, config, env)
+Daemon = DaemonProcess
 
 
 class TaskProc:
-    """A real `fmplex task run SPEC` process; start() returns once it logs that it serves."""
+    """A real task process; start() returns once it logs that it serves."""
 
     def __init__(self, spec_path: str, run_dir: str, env: dict | None = None, preexec=None):
         self.spec_path, self.run_dir = spec_path, run_dir
@@ -50,10 +62,9 @@ class TaskProc:
         self.output = b""
 
     def start(self, timeout_s: float = 60.0, expect: bytes = b" serving at ") -> "TaskProc":
-        self.proc = subprocess.Popen([sys.executable, "-m", "tasklets", "task", "run",
-                                      self.spec_path], env=self.env, cwd=REPO,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     preexec_fn=self.preexec)
+        self.proc = subprocess.Popen([sys.executable, "-m", "tasklets", self.spec_path],
+                                     env=self.env, cwd=REPO, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, preexec_fn=self.preexec)
         self.wait_for(expect, timeout_s)
         return self
 
@@ -96,10 +107,6 @@ def write_spec(directory: str, name: str, body: str) -> str:
     return path
 
 
-write_head = write_random_head
-write_lora = write_random_lora
-
-
 class Traffic:
     """A background client sending requests to some tasks until stopped; records every outcome."""
 
@@ -112,8 +119,8 @@ class Traffic:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        from fmplex import Client
         from ipc.errors import FmplexError
-        from tasklets.client import Client
         with Client(self.run_dir, timeout_s=30) as c:
             while not self._stop.is_set():
                 for t in self.tasks:

@@ -2,12 +2,12 @@
 
     fmplex demo                          the main job: daemon + tasks + load on the real backbone
     fmplex infer TASK TEXT... [--pair TEXT...] [--top-k K] [--json]
-    fmplex task run SPEC                 run a task process (what the daemon's supervisor starts)
+    fmplex task run SPEC                 run a task process (as `python -m tasklets SPEC`)
     fmplex task deploy SPEC              have the daemon start and supervise a task
     fmplex task list | update NAME SPEC [--canary PCT] | promote NAME | rollback NAME | remove NAME
     fmplex top [--interval S] [--once]   live per-task table
     fmplex info | health [TASK]
-    fmplex bench serve ...               the serving benchmark (bench/serve.py)
+    fmplex bench NAME ...                a benchmark of a source checkout (python -m bench.NAME)
 Every command takes --run-dir (default: FMPLEX_RUN_DIR or the daemon's default).
 Exit status: 0 ok, 1 request failed (typed error printed), 2 usage or set-up error.
 """
@@ -22,14 +22,14 @@ from ipc.errors import FmplexError
 
 
 def _client(args):
-    from tasklets.client import Client
+    from fmplex.client import Client
     return Client(args.run_dir, timeout_s=args.timeout)
 
 
 def cmd_infer(args) -> int:
     with _client(args) as c:
         reply = c.infer(args.task, args.texts, args.pair or None, top_k=args.top_k)
-    from tasklets.render import reply_as_dict, reply_lines
+    from fmplex.render import reply_as_dict, reply_lines
     if args.json:
         print(json.dumps(reply_as_dict(reply), indent=2))
     else:
@@ -49,7 +49,7 @@ def cmd_task(args) -> int:
                 reply = c.control(Deploy(ref=c.ref(), spec=f.read(), spec_path=path),
                                   timeout_s=max(args.timeout, 180))
         elif args.action == "list":
-            from tasklets.render import task_table
+            from fmplex.render import task_table
             print(task_table(c.control(ListTasks(ref=c.ref())).tasks))
             return 0
         elif args.action == "remove":
@@ -68,7 +68,7 @@ def cmd_task(args) -> int:
 
 
 def cmd_top(args) -> int:
-    from tasklets.render import top_loop
+    from fmplex.render import top_loop
     with _client(args) as c:
         return top_loop(c, args.interval, args.once)
 
@@ -93,20 +93,20 @@ def cmd_info(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from tasklets.demo import run_demo
+    from fmplex.demo import run_demo
     return run_demo(requests=args.requests, clients=args.clients, quick=args.quick)
 
 
 def cmd_bench(args) -> int:
-    import runpy
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
-                          f"{args.name}.py")
-    if not os.path.exists(script):
-        print(f"fmplex: no benchmark {script}", file=sys.stderr)
+    """Benchmarks live in the source checkout (bench/), not in the installed package: run
+    `python -m bench.NAME` from the checkout this package was installed from."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isfile(os.path.join(root, "bench", f"{args.name}.py")):
+        print(f"fmplex: no benchmark bench/{args.name}.py in {root} (benchmarks need a source "
+              f"checkout)", file=sys.stderr)
         return 2
-    sys.argv = [script, *args.rest]
-    runpy.run_path(script, run_name="__main__")
-    return 0
+    return subprocess.call([sys.executable, "-m", f"bench.{args.name}", *args.rest], cwd=root)
 
 
 def parser() -> argparse.ArgumentParser:

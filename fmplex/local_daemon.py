@@ -1,21 +1,18 @@
-"""Start and stop a real fmplexd as a child process (for the demo, benchmarks and tests).
+"""Run a real fmplexd as a child process (the demo's daemon; tests and benchmarks build on it).
 
-start() returns once the daemon says READY=1 on its sd_notify socket (an event, not a guess);
-stop() sends SIGTERM and returns the exit status. The daemon runs in its own run directory.
+start() returns once the daemon says READY=1 on its own sd_notify socket (an event, not a guess);
+stop() sends SIGTERM and returns the exit status. The daemon runs in its own directory (config,
+run dir, log, notify socket).
 """
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LIVE: list["DaemonProcess"] = []
 
 
 def short_tmpdir(prefix: str = "fmx-") -> str:
@@ -46,42 +43,33 @@ def pss_bytes(pid: int) -> int:
     return 0
 
 
-class DaemonProcess:
-    """A real fmplexd subprocess in a private directory (config, run dir, log, notify socket).
-    Every instance is remembered in `LIVE` until cleaned up (tests print their logs on failure)."""
+class LocalDaemon:
+    """A real fmplexd subprocess in a private directory. `backbones`: {name: path} ("embedded",
+    a model directory, ...); `config`: extra TOML lines for fmplexd.toml."""
 
-    def __init__(self, backbone: str = "embedded", config: str = "", env: dict | None = None,
-                 workdir: str | None = None, threads: int = 0):
+    def __init__(self, backbones: dict[str, str] | str = "embedded", config: str = "",
+                 env: dict | None = None, workdir: str | None = None, threads: int = 0):
+        if isinstance(backbones, str):
+            backbones = {"default": backbones}
         self.dir = workdir or short_tmpdir()
         self.run_dir = os.path.join(self.dir, "run")
         self.notify_path = os.path.join(self.dir, "notify.sock")
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(self.notify_path)
         self.config_path = os.path.join(self.dir, "fmplexd.toml")
+        tables = "".join(f'[[backbone]]\nname = "{n}"\npath = "{p}"\n' for n, p in backbones.items())
         with open(self.config_path, "w") as f:
-            f.write(f'run_dir = "{self.run_dir}"\nthreads = {threads}\n{config}\n'
-                    f'[[backbone]]\nname = "default"\npath = "{backbone}"\n')
+            f.write(f'run_dir = "{self.run_dir}"\nthreads = {threads}\n{config}\n{tables}')
         self.env = dict(os.environ, NOTIFY_SOCKET=self.notify_path, FMPLEX_RUN_DIR=self.run_dir,
                         **(env or {}))
         self.log_path = os.path.join(self.dir, "fmplexd.log")
         self.proc: subprocess.Popen | None = None
         self.notices: list[bytes] = []
-        LIVE.append(self)
 
-    def logs(self, tail: int = 4000) -> str:
-        """The daemon's log and its supervised tasks' logs (last `tail` characters of each)."""
-        parts = [f"--- fmplexd log ({self.log_path})\n{self.log_text()[-tail:]}"]
-        log_dir = os.path.join(self.run_dir, "logs")
-        for name in sorted(os.listdir(log_dir)) if os.path.isdir(log_dir) else []:
-            with open(os.path.join(log_dir, name), errors="replace") as f:
-                parts.append(f"--- task log {name}\n{f.read()[-tail:]}")
-        return "\n".join(parts)
-
-    def start(self, timeout_s: float = 120.0) -> "DaemonProcess":
+    def start(self, timeout_s: float = 120.0) -> "LocalDaemon":
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "fmplexd.main", "--config",
-                                          self.config_path], env=self.env, cwd=REPO,
-                                         stdout=log, stderr=log)
+                                          self.config_path], env=self.env, stdout=log, stderr=log)
         try:
             self.notices += wait_notify(self.notify, b"READY=1", timeout_s)
         except BaseException:
@@ -102,7 +90,7 @@ class DaemonProcess:
         return self.proc.returncode
 
     def client(self, timeout_s: float = 30.0):
-        from tasklets.client import Client
+        from fmplex.client import Client
         return Client(self.run_dir, timeout_s=timeout_s)
 
     def log_text(self) -> str:
@@ -112,9 +100,7 @@ class DaemonProcess:
         except FileNotFoundError:
             return ""
 
-    def cleanup(self) -> None:
+    def close(self) -> None:
+        """Stop the daemon and close the notify socket (its directory is the caller's)."""
         self.stop()
         self.notify.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
-        if self in LIVE:
-            LIVE.remove(self)

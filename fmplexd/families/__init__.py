@@ -1,0 +1,39 @@
+"""Backbone families: each folder supplies a loader, a forward and a runner (see base.py).
+
+    load_backbone(name, path, dtype)    the family is read from the path (config.json's model_type,
+                                        a .gguf file, ...); "embedded[:KEY]" paths name packaged models
+    runner_for(backbone, settings)      the engine's handle on the backbone's executor
+Family modules are imported on first use (they import torch; this package's import does not).
+"""
+from __future__ import annotations
+
+import importlib
+
+from ipc.messages import Family
+
+MODULES = {Family.TEXT_ENCODER: "fmplexd.families.encoder"}
+
+
+def family_module(family: Family):
+    return importlib.import_module(MODULES[family])
+
+
+def detect(path: str) -> Family:
+    """The family of the backbone at `path` (ValueError if no family recognises it)."""
+    for family in MODULES:
+        if family_module(family).detect(path):
+            return family
+    raise ValueError(f"{path}: not a backbone of any supported family "
+                     f"({', '.join(f.value for f in MODULES)})")
+
+
+def load_backbone(name: str, path: str, dtype: str = "float32"):
+    """Load, check and publish a backbone in its sealed region (fmplexd.families.base.Backbone)."""
+    from fmplexd.families.embedded import resolve
+    path = resolve(path)
+    return family_module(detect(path)).load(name, path, dtype)
+
+
+def runner_for(backbone, settings):
+    """The backbone's runner; `settings` is the daemon's config (batch sizes, budgets)."""
+    return family_module(backbone.family).make_runner(backbone, settings)
