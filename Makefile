@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench-ipc
+.PHONY: demo test test-slow bench-wire
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -25,5 +25,5 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
-bench-ipc: $(STAMP)
-	$(BIN)/python bench/ipc.py
+bench-wire: $(STAMP)
+	$(BIN)/python -m bench.wire

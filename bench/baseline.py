@@ -4,7 +4,7 @@
                              [--cgroup DIR] [--time-slice I/N/MS] [--device cpu|cuda]
 
 The process reads the task's spec (the same TOML, adapter directory and head file an fmplex task
-uses), loads its *own private copy* of the backbone (fmplexd.backbone.read_weights: plain tensors,
+uses), loads its *own private copy* of the backbone (fmplexd.families.encoder.loader.read_weights: plain tensors,
 nothing shared), merges the task's LoRA into it (W += scale * B @ A for every adapted module) and
 keeps the task's head. It serves the fmplex client protocol (Infer -> InferReply, MessagePack on a
 ZeroMQ ROUTER), so the load driver speaks to every system with the same messages and codec.
@@ -47,8 +47,8 @@ class MergedModel:
 
     def __init__(self, backbone_dir: str, spec, device: str = "cpu"):
         import torch
-        from fmplexd.backbone import read_config, read_weights
-        from fmplexd.encoder import HF_MODULES, Encoder
+        from fmplexd.families.encoder.loader import TARGETS, read_config, read_weights, targets
+        from fmplexd.families.encoder.forward import Encoder
         from ipc.messages import HeadInput, HeadKind
         from tasklets.adapters import build_extension
         from tasklets.pipeline import TaskPipeline
@@ -57,14 +57,14 @@ class MergedModel:
         # This process's own copy: safetensors maps the file, and clean file pages would be
         # shared through the page cache by every instance; an instance holds private weights.
         weights = {k: v.clone() for k, v in read_weights(backbone_dir).items()}
-        ext = build_extension(spec.adapter, spec.head, spec.pooling, HeadInput.POOLED,
+        ext = build_extension(targets(cfg), spec.adapter, spec.head, spec.pooling, HeadInput.POOLED,
                               spec.head_activation)
         if ext.spec.ia3 or ext.spec.prompt_tokens:
             raise ValueError("the baseline merges LoRA only (no IA3 or prompt tuning)")
         for e in ext.spec.lora:                                    # W += scale * B @ A
-            name = f"encoder.layer.{e.layer}.{HF_MODULES[e.module]}.weight"
-            A = torch.from_numpy(ext.tensors[f"lora.{e.layer}.{e.module.value}.A"])
-            B = torch.from_numpy(ext.tensors[f"lora.{e.layer}.{e.module.value}.B"])
+            name = f"encoder.layer.{e.layer}.{TARGETS[e.module]}.weight"
+            A = torch.from_numpy(ext.tensors[f"lora.{e.layer}.{e.module}.A"])
+            B = torch.from_numpy(ext.tensors[f"lora.{e.layer}.{e.module}.B"])
             weights[name] = weights[name] + e.scale * (B @ A)
         self.encoder = Encoder(cfg, {k: v.to(self.device) for k, v in weights.items()})
         del weights
@@ -82,7 +82,7 @@ class MergedModel:
         """(S, L) head outputs (or (S, H) pooled rows) for the sequences, packed without padding."""
         import numpy as np
         import torch.nn.functional as F
-        from fmplexd.encoder import PackedInput
+        from fmplexd.families.encoder.forward import PackedInput
         from kernels.attention import Bucket, VarlenPlan, plan_varlen
         from kernels.heads import ACTIVATIONS
         torch, dev = self.torch, self.device
@@ -135,7 +135,7 @@ def serve(args) -> None:
     from ipc import codec, transport
     from ipc.errors import FmplexError, ProtocolError
     from ipc.messages import Error, Infer
-    from tasklets.spec import load_spec
+    from ipc.spec import load_spec
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -209,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     _place(args)
     if args.backbone == "embedded":
-        from fmplexd.backbone import embedded_backbone_path
-        args.backbone = embedded_backbone_path()
+        from fmplexd.families.embedded import embedded_path
+        args.backbone = embedded_path("minilm")
     try:
         serve(args)
     except KeyboardInterrupt:

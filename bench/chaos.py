@@ -1,6 +1,6 @@
 """Chaos run: 16 tasks under steady load while a random task process is killed (SIGKILL) every 2 s.
 
-    python bench/chaos.py [--quick] [--out DIR] [--tasks 16] [--seconds 60] [--kill-every 2]
+    python -m bench.chaos [--quick] [--out DIR] [--tasks 16] [--seconds 60] [--kill-every 2]
                           [--rate 4] [--tiny]
 
 Every task is a supervised text-embedding task with its own random LoRA adapter, so its outputs
@@ -23,13 +23,13 @@ import signal
 import threading
 import time
 
-import common
+from bench import common
 import numpy as np
 
-from fmplexd.tiny import write_random_lora, write_tiny
+from testkit.tiny import write_random_lora, write_tiny
 from ipc.errors import FmplexError, RequestTimeout
 from ipc.messages import Deploy, Health, ListTasks
-from tasklets.launch import DaemonProcess, short_tmpdir
+from testkit.launch import DaemonProcess, short_tmpdir
 
 DEADLINE_MS = 5000
 TEXTS = ["the quick brown fox", "chaos engineering on a shared backbone", "hello world",

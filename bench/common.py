@@ -1,10 +1,10 @@
-"""Shared by the benchmarks in bench/: import-path set-up, output directory, JSON and the markdown
-table printed last. Results are printed and written under --out, never committed as truth: the
+"""Shared by the benchmarks in bench/: output directory, JSON and the markdown table printed last. Results are printed and written under --out, never committed as truth: the
 command that makes them is what docs/benchmarks.md records.
 
-Usage in a benchmark script (run as `python bench/NAME.py` from the repository root):
+Usage in a benchmark module (run as `python -m bench.NAME` from the repository root, or through
+`fmplex bench NAME`):
 
-    import common                       # bench/ is on sys.path when the script runs
+    from bench import common
     args = common.parser(__doc__).parse_args()      # --quick, --out
     out = common.out_dir(args.out, "NAME")
     ...
@@ -17,16 +17,10 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-# The repository's packages first (also without an install), and bench/ last: bench/ipc.py must
-# not shadow the `ipc` package for the other scripts here.
-sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or os.curdir) not in (ROOT, HERE)] \
-    + [HERE]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parser(doc: str) -> argparse.ArgumentParser:

@@ -1,9 +1,9 @@
 """Executor benchmark: one mixed batch of N tasks vs the same requests one task at a time.
 
-    python bench/executor.py [--quick] [--out DIR]
+    python -m bench.executor [--quick] [--out DIR]
 
-The real embedded backbone (all-MiniLM-L6-v2, float32) and fmplexd.executor.Executor. Each task
-has its own extension, written through a real slot (tests.helpers.commit_extension) from random
+The real embedded backbone (all-MiniLM-L6-v2, float32) and fmplexd.families.encoder.executor.Executor. Each task
+has its own extension, written through a real slot (testkit.extensions.commit_extension) from random
 tensors of the shapes ipc.slot_layout.tensor_specs gives; the kinds cycle through LoRA of several
 ranks and targets, IA3, a prompt, linear / MLP / token heads and none (KINDS below). Each task sends
 REQUESTS requests of 1-4 sequences of 8-64 tokens (fixed seed).
@@ -21,26 +21,27 @@ import statistics
 import sys
 import time
 
-import common  # first: it puts the repository's packages on sys.path
+from bench import common
 
 import numpy as np
 import torch
 
-from fmplexd.backbone import embedded_backbone_path, load_backbone
-from fmplexd.encoder import Encoder
-from fmplexd.executor import Executor, WorkItem
+from fmplexd.families import load_backbone
+from fmplexd.families.embedded import embedded_path
+from fmplexd.families.encoder.forward import Encoder
+from fmplexd.families.encoder.executor import Executor, WorkItem
 from ipc.messages import (Activation, ExtensionSpec, HeadInput, HeadKind, HeadSpec,
-                          Ia3Entry, LoraEntry, Module, Output, Pooling)
+                          Ia3Entry, LoraEntry, Output, Pooling)
 from ipc.slot_layout import tensor_specs
 from tasklets.adapters import Extension
-from tests.helpers import commit_extension
+from testkit.extensions import commit_extension
 
 SEED = 0
 REQUESTS = 4                    # per task
 SEQS = (1, 4)                   # sequences per request
 TOKENS = (8, 64)                # tokens per sequence
-QV, QKVO = (Module.QUERY, Module.VALUE), (Module.QUERY, Module.KEY, Module.VALUE, Module.ATTN_OUT)
-FFN = (Module.FFN_IN, Module.FFN_OUT)
+QV, QKVO = ("query", "value"), ("query", "key", "value", "attn_out")
+FFN = ("ffn_in", "ffn_out")
 TOKEN_BUDGET = 4096             # fmplexd.config.DaemonConfig.token_budget
 
 
@@ -57,8 +58,8 @@ def kinds(layers: int) -> list[tuple[str, ExtensionSpec, Output]]:
         ("lora r16 q,k,v,o + head", ExtensionSpec(pooling=Pooling.CLS, lora=_lora(16, QKVO, half),
                                                   head=linear), Output.LOGITS),
         ("ia3 k,v,ffn_out", ExtensionSpec(pooling=Pooling.MEAN, ia3=[
-            Ia3Entry(layer=l, module=m, feedforward=m is Module.FFN_OUT)
-            for l in every for m in (Module.KEY, Module.VALUE, Module.FFN_OUT)]), Output.POOLED),
+            Ia3Entry(layer=l, module=m, feedforward=m == "ffn_out")
+            for l in every for m in ("key", "value", "ffn_out")]), Output.POOLED),
         ("prompt 8", ExtensionSpec(pooling=Pooling.MEAN, prompt_tokens=8), Output.POOLED),
         ("mlp head", ExtensionSpec(pooling=Pooling.CLS, head=HeadSpec(
             kind=HeadKind.MLP, input=HeadInput.POOLED, num_labels=5, hidden=128,
@@ -171,7 +172,7 @@ def main() -> int:
     torch.set_num_threads(threads)
     ns, repeats = ((1, 8), 1) if args.quick else ((1, 8, 32), 5)
     t_load = time.perf_counter()
-    backbone = load_backbone("default", embedded_backbone_path())
+    backbone = load_backbone("default", embedded_path("minilm"))
     load_s = time.perf_counter() - t_load
     ex = Executor(Encoder(backbone.config, backbone.weights))
     rng = np.random.default_rng(SEED)

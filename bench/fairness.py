@@ -1,10 +1,10 @@
 """Noisy-neighbour benchmark with real processes: do quiet tasks keep their latency when one task
 floods the daemon? (goal: each quiet task's p99 in phase B <= 1.3x its p99 in phase A)
 
-    python bench/fairness.py [--quick] [--out DIR]
+    python -m bench.fairness [--quick] [--out DIR]
 
-A real fmplexd (tasklets.launch.DaemonProcess; the embedded all-MiniLM-L6-v2, or with --quick a tiny
-random checkpoint from fmplexd.tiny) and 4 text-embedding tasks of equal weight deployed through
+A real fmplexd (testkit.launch.DaemonProcess; the embedded all-MiniLM-L6-v2, or with --quick a tiny
+random checkpoint from testkit.tiny) and 4 text-embedding tasks of equal weight deployed through
 the control socket (Deploy), each a real task process. Clients are separate processes (one per task,
 asyncio), so that the flooder's client does not share an interpreter with the quiet ones.
 
@@ -28,13 +28,13 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import common  # first: it puts the repository's packages on sys.path
+from bench import common
 
 import numpy as np
 
-import workload
+from bench import workload
 from ipc.messages import Deploy, ListTasks
-from tasklets.launch import DaemonProcess, short_tmpdir
+from testkit.launch import DaemonProcess, short_tmpdir
 
 SEED = 0
 TASKS = ["q0", "q1", "q2", "flood"]
@@ -61,7 +61,7 @@ def client_proc(conn, run_dir: str, task: str, times: list[float] | None, texts:
 
     from ipc import aio
     from ipc.errors import FmplexError, OverloadedError, RequestTimeout
-    from tasklets.client import AsyncClient
+    from fmplex.client import AsyncClient
 
     async def warm_up(c) -> None:
         """Resolve and connect; a task restarted by the previous phase may still be coming up."""
@@ -294,8 +294,8 @@ def main() -> int:
     cap_s, phase_s = (1.5, 3.0) if args.quick else (8.0, 30.0)
     work = short_tmpdir("fmx-fair-")
     if args.quick:
-        from fmplexd.tiny import write_tiny
-        backbone, label = write_tiny(os.path.join(work, "tiny")), "tiny bert (fmplexd.tiny)"
+        from testkit.tiny import write_tiny
+        backbone, label = write_tiny(os.path.join(work, "tiny")), "tiny bert (testkit.tiny)"
     else:
         backbone, label = "embedded", "all-MiniLM-L6-v2 (embedded)"
     runs, capacity = [], None

@@ -1,7 +1,7 @@
 """The noisy-neighbour goal against the scheduling policy alone: fmplexd.scheduler on a virtual
 clock, no processes, no sockets, no CPU contention.
 
-    python bench/fairness_policy.py [--quick] [--out DIR] [--tokens-per-s R] [--overhead-ms O]
+    python -m bench.fairness_policy [--quick] [--out DIR] [--tokens-per-s R] [--overhead-ms O]
 
 bench/fairness.py measures the whole system; this isolates the scheduling policy (non-preemptive
 batches of a token budget). Same shape as bench/fairness.py: 4 tasks of weight 1; q0..q2 offered
@@ -26,11 +26,11 @@ import functools
 import sys
 from collections import deque
 
-import common  # first: it puts the repository's packages on sys.path
+from bench import common
 
 import numpy as np
 
-import workload
+from bench import workload
 from fmplexd.scheduler import Request, Scheduler
 
 GOAL = 1.3

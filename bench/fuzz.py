@@ -3,11 +3,11 @@
 process gets N malformed/hostile inputs (default 100,000 per socket) while a background client runs
 real inferences that must all succeed.
 
-    python bench/fuzz.py [--quick] [--n N] [--seed S] [--out DIR]       (from the repository root)
+    python -m bench.fuzz [--quick] [--n N] [--seed S] [--out DIR]       (from the repository root)
 
 Sockets: control (ROUTER), task plane (ROUTER), the task's client endpoint (ROUTER), handle plane
 (AF_UNIX SOCK_SEQPACKET, with fds). The inputs, the oracle and the checks are those of
-tests/test_socket_fuzz.py (`run_campaign`, `check_campaign`; its module doc lists them).
+testkit/fuzz/sockets.py (`run_campaign`, `check_campaign`; its module doc lists them).
 Figures: inputs and inputs/s per socket, errors by code, the daemon's RSS after warm-up and at the
 end, fds before/after, the valid traffic's successes. Writes fuzz.json to --out; prints the tables
 last (goals marked PASS/FAIL).
@@ -19,7 +19,7 @@ import sys
 import shutil
 import time
 
-import common  # first: the repository root ahead of bench/, where ipc.py would shadow `ipc`
+from bench import common
 
 
 def main(argv=None) -> int:
@@ -32,9 +32,9 @@ def main(argv=None) -> int:
     warmup = max(300, n // 30)
     out_dir = common.out_dir(args.out, "fuzz")
 
-    from fmplexd.tiny import write_tiny
-    from tests.helpers import Daemon, TaskProc, short_tmpdir, write_spec
-    from tests.test_socket_fuzz import (EXPECTED_CODES, HEARTBEAT_CONFIG, RSS_BOUND_MB, REAL_TASK,
+    from testkit.tiny import write_tiny
+    from testkit.launch import Daemon, TaskProc, short_tmpdir, write_spec
+    from testkit.fuzz.sockets import (EXPECTED_CODES, HEARTBEAT_CONFIG, RSS_BOUND_MB, REAL_TASK,
                                         SOCKETS, Target, check_campaign, run_campaign)
 
     work = short_tmpdir("fmx-bfz-")

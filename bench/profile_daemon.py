@@ -1,15 +1,15 @@
 #!/usr/bin/env python3
 """Where the daemon's time goes: fmplexd's Engine and Executor driven in-process, phase by phase.
 
-    python bench/profile_daemon.py [--quick] [--out DIR] [--tasks N] [--cprofile]
+    python -m bench.profile_daemon [--quick] [--out DIR] [--tasks N] [--cprofile]
 
-The daemon's loop is collect arrivals -> form batch -> run -> deliver (fmplexd/daemon.py). Here the
-same objects run without sockets: real backbone (all-MiniLM-L6-v2), N real task slots holding the
+The daemon's loop is collect arrivals -> next work -> run -> finish (fmplexd/daemon.py). Here the
+same objects (fmplexd.engine.Engine and its text-encoder runner) run without sockets: real backbone (all-MiniLM-L6-v2), N real task slots holding the
 benchmark's extensions (LoRA + linear head, bench/serve.py's tasks), Submits built as a task process
 builds them and passed through the codec as they would arrive. Timed per batch:
 
     collect   decode each Submit's frames + Engine.admit (validate, queue in the scheduler)
-    form      Scheduler.form_batch (with the engine's horizon) + Engine.work (pin versions)
+    form      the runner's form: Scheduler.form_batch (with its horizon) + pinning versions
     pack      Executor._pack (packed ids/positions, attention plan, LoRA segments)
     forward   Encoder.forward (embeddings, 6 layers, multi-LoRA segments)
     outputs   Executor._outputs (pooling, segmented heads, numpy copies)
@@ -27,16 +27,11 @@ from __future__ import annotations
 import os
 import sys
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_ROOT = os.path.dirname(_HERE)
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
 
-import time  # noqa: E402
-from collections import defaultdict  # noqa: E402
+import time
+from collections import defaultdict
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 PHASES = ("collect", "form", "pack", "forward", "outputs", "deliver")
 
@@ -49,10 +44,10 @@ class _Tasks:
         from fmplexd.registry import TaskEntry
         from ipc.messages import TaskConfig, TaskState
         from tasklets.process import load_extension
-        from tasklets.spec import load_spec
+        from ipc.spec import load_spec
         from tasklets.pipeline import TaskPipeline
-        from tests.helpers import commit_extension
-        info = engine.backbone.info
+        from testkit.extensions import commit_extension
+        info = engine.info("default")
         self.entries, self.pipelines = [], []
         for i in range(n):
             spec = load_spec(bank[i].spec_path)
@@ -64,7 +59,7 @@ class _Tasks:
                                                 queue_limit=queue_limit, deadline_ms=3_600_000),
                               spec=ext.spec, slot=slot, session=session, state=TaskState.READY,
                               identity=f"task{i}".encode())
-            engine.scheduler.add_task(session, 1.0, queue_limit)
+            engine.add_task(session, "default", 1.0, queue_limit)
             self.entries.append(entry)
             self.pipelines.append(TaskPipeline(spec, info.tokenizer, info.max_positions))
 
@@ -96,19 +91,19 @@ class _Profiler:
         for entry, frames in arrivals:
             msg = codec.decode([memoryview(f) if isinstance(f, (bytes, bytearray)) else f
                                 for f in frames])
-            self.engine.admit(entry, entry.identity, msg, now)
+            self.engine.admit(entry, msg, now)
         self.t["collect"] += time.perf_counter() - t
 
     def step(self, now: float, lora_probe: bool = False) -> bool:
         """One loop turn: form a batch, run it phase by phase, deliver. False if nothing ran."""
         import torch
-        from fmplexd.engine import release
         from ipc import codec
         from ipc.messages import Result
-        eng, ex = self.engine, self.engine.executor
+        runner = self.engine.runners["default"]
+        ex = runner.executor
         t0 = time.perf_counter()
-        batch = eng.scheduler.form_batch(now, eng.horizon())
-        items, pendings = eng.work(batch)
+        work = runner.form(self.engine.scheduler, "default", now)
+        items, pendings, batch = work.items, work.pendings, work.batch
         t1 = time.perf_counter()
         if not items:
             return False
@@ -126,9 +121,9 @@ class _Profiler:
                 self.forward_plain += time.perf_counter() - ta
                 self.forward_timed += t3 - t2
                 packed.ext = ext
-        release(pendings)
+        runner.release(work)
         t5 = time.perf_counter()
-        eng.observe(batch.tokens, t4 - t1)         # as the daemon does: sizes the next budget
+        runner.pacer.observe(batch.tokens, t4 - t1)   # as the daemon does: sizes the next budget
         for p, out in zip(pendings, outs):
             codec.encode(Result(epoch=p.session, ref=p.msg.ref, version=p.view.version,
                                 output=p.msg.output, data=out, queue_ms=0.0, run_ms=0.0))
@@ -188,7 +183,7 @@ def at_load(engine, tasks: _Tasks, spec, max_batches: int) -> dict:
             k = j
         if not prof.step(time.monotonic(), lora_probe=prof.batches % 4 == 0) and k < len(events):
             time.sleep(max(0.0, events[k].t - (time.monotonic() - start)))
-    while engine.scheduler.queued:
+    while engine.queued:
         prof.step(time.monotonic())
     return prof.summary()
 
@@ -232,21 +227,21 @@ def profile(n_tasks: int = 16, batches: int = 40, threads: int = 0, bank=None,
     import torch
     from bench.servebench.tasks import TaskBank
     from bench.workload import WorkloadSpec
-    from fmplexd.backbone import embedded_backbone_path, load_backbone
     from fmplexd.config import DaemonConfig
+    from fmplexd.families import load_backbone
+    from fmplexd.families.embedded import embedded_path
     from fmplexd.engine import Engine
-    from tasklets.launch import short_tmpdir
+    from testkit.launch import short_tmpdir
     threads = threads or max(1, (os.cpu_count() or 2) - 1)
     torch.set_num_threads(threads)
     work = None
     if bank is None:
         work = short_tmpdir("fmx-prof-")
-        bank = TaskBank(work, embedded_backbone_path())
+        bank = TaskBank(work, embedded_path("minilm"))
     try:
         cfg = DaemonConfig()
-        backbone = load_backbone("default", embedded_backbone_path())
-        engine = Engine(backbone, cfg.token_budget, cfg.max_batch_requests, cfg.max_request_tokens,
-                        cfg.batch_target_ms / 1e3, cfg.idle_credit_tokens)
+        backbone = load_backbone("default", embedded_path("minilm"))
+        engine = Engine({"default": backbone}, cfg)
         engine.warm_up()                           # as the daemon does at start (calibration)
         tasks = _Tasks(engine, bank, n_tasks)
         spec = WorkloadSpec(n_tasks=n_tasks, alpha=alpha, total_rate=1.0, duration_s=1.0)
@@ -258,7 +253,7 @@ def profile(n_tasks: int = 16, batches: int = 40, threads: int = 0, bank=None,
         load = at_load(engine, tasks, load_spec, batches)
         return {"threads": threads, "n_tasks": n_tasks, "alpha": alpha,
                 "batch_target_ms": cfg.batch_target_ms, "max_token_budget": cfg.token_budget,
-                "token_budget_at_end": engine.scheduler.token_budget,
+                "token_budget_at_end": engine.runners["default"].pacer.budget,
                 "scenarios": {"saturated": sat, f"load {rate:.0f} req/s": load},
                 "request_path": request_path(tasks, spec),
                 "note": (f"In-process, {threads} torch thread(s), {n_tasks} tasks with the benchmark's "

@@ -1,6 +1,6 @@
 """Scheduler benchmark: time to form one batch with 1,000 backlogged tasks (goal <= 200 us p50).
 
-    python bench/scheduler.py [--quick] [--out DIR] [--profile]
+    python -m bench.scheduler [--quick] [--out DIR] [--profile]
 
 fmplexd.scheduler.Scheduler with the daemon's defaults (token_budget 4096, max_requests 256) and
 1,000 tasks of random weights (log-uniform in [0.1, 10]), each kept backlogged: after every batch
@@ -28,7 +28,7 @@ import pstats
 import random
 import time
 
-import common  # first: it puts the repository's packages on sys.path
+from bench import common
 
 from fmplexd.scheduler import Request, Scheduler
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Serving benchmark: fmplex vs one model instance per task (co-located, partitioned).
 
-    python bench/serve.py [--quick] [--out DIR] [--doc docs/benchmarks.md]    (or `fmplex bench serve`)
+    python -m bench.serve [--quick] [--out DIR] [--doc docs/benchmarks.md]    (or `fmplex bench serve`)
 
 Three systems serve the same N tasks (all-MiniLM-L6-v2 + per task its own LoRA, of varied ranks and
 target modules, and a linear classification head) under the same generated workload
@@ -39,34 +39,27 @@ import os
 import sys
 
 # The pieces live in bench/servebench/ (one job per module; see its __init__).
-# `python bench/serve.py` puts bench/ first on sys.path, where bench/ipc.py would shadow the ipc
-# package: put the repository root first instead and import the benchmark modules as `bench.*`.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_ROOT = os.path.dirname(_HERE)
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
 
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import shlex  # noqa: E402
-import shutil  # noqa: E402
-import time  # noqa: E402
+import dataclasses
+import json
+import shlex
+import shutil
+import time
 
-from bench import common  # noqa: E402
-from bench.servebench import baselines, capacity, tasks as taskdefs  # noqa: E402
-from bench.servebench.baselines import Baselines  # noqa: E402
-from bench.servebench.capacity import (baseline_capacity, fmplex_capacity,  # noqa: E402
+from bench import common
+from bench.servebench import baselines, capacity, tasks as taskdefs
+from bench.servebench.baselines import Baselines
+from bench.servebench.capacity import (baseline_capacity, fmplex_capacity,
                                        fmplex_memory_point)
-from bench.servebench.doc import notes, write_doc  # noqa: E402
-from bench.servebench.driver import run_async, saturation  # noqa: E402
-from bench.servebench.fmplex_system import Fmplex  # noqa: E402
-from bench.servebench.metrics import b1_reference, leftovers, outputs_agree  # noqa: E402
-from bench.servebench.phases import measure_b1, serve_runs  # noqa: E402
-from bench.servebench.plan import FULL, HEADLINE_ALPHA, QUICK, SYSTEMS, workload  # noqa: E402
-from bench.servebench.plots import plot  # noqa: E402
-from bench.servebench.report import capacity_table, goals, tables  # noqa: E402
-from bench.workload import WorkloadSpec  # noqa: E402
+from bench.servebench.doc import notes, write_doc
+from bench.servebench.driver import run_async, saturation
+from bench.servebench.fmplex_system import Fmplex
+from bench.servebench.metrics import b1_reference, leftovers, outputs_agree
+from bench.servebench.phases import measure_b1, serve_runs
+from bench.servebench.plan import FULL, HEADLINE_ALPHA, QUICK, SYSTEMS, workload
+from bench.servebench.plots import plot
+from bench.servebench.report import capacity_table, goals, tables
+from bench.workload import WorkloadSpec
 
 
 def parse_args():
@@ -111,17 +104,17 @@ def main() -> int:
         print(f"regenerated {args.doc} from {args.doc_from}")
         return 0
     out = common.out_dir(args.out, "serve")
-    command = "python bench/serve.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "python -m bench.serve " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     t_start = time.perf_counter()
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
 
-    from fmplexd.backbone import embedded_backbone_path
-    from tasklets.launch import short_tmpdir
+    from fmplexd.families.embedded import embedded_path
+    from testkit.launch import short_tmpdir
     work = short_tmpdir("fmx-serve-")
-    bank = taskdefs.TaskBank(work, embedded_backbone_path())
+    bank = taskdefs.TaskBank(work, embedded_path("minilm"))
     budget_mib = args.budget_gib * 1024
     results: dict = {"command": command, "loadavg_1m_at_start": round(os.getloadavg()[0], 2),
                      "plan": {**dataclasses.asdict(plan), "budget_gib": args.budget_gib},

@@ -8,7 +8,7 @@ to each, then reads PSS (shared pages split among their users), RSS and USS (pri
 task process and the daemon's PSS (with its task zygote's) from /proc. N grows 1 -> 8 -> 32 on the same daemon (--quick:
 1 -> 4); the slope of the total (daemon + tasks) PSS is the memory one more task costs.
 
-    python bench/task_memory.py [--quick] [--exec] [--counts 1,8,32] [--out DIR]   (repo root)
+    python -m bench.task_memory [--quick] [--exec] [--counts 1,8,32] [--out DIR]   (repo root)
 
 Tasks are forked by the daemon's task zygote (shared pre-imported pages), or with --exec each is
 exec'd afresh (task_zygote = false), which is what a task started by hand costs.
@@ -26,19 +26,16 @@ import shutil
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-if HERE not in sys.path:                   # also when run through `fmplex bench task_memory`
-    sys.path.insert(0, HERE)
 
-import common  # noqa: E402
+from bench import common
 
-import numpy as np  # noqa: E402
-from safetensors.numpy import save_file  # noqa: E402
+import numpy as np
+from safetensors.numpy import save_file
 
-from ipc import aio  # noqa: E402
-from ipc.messages import Deploy, Info, ListTasks  # noqa: E402
-from tasklets.client import AsyncClient  # noqa: E402
-from tasklets.launch import DaemonProcess, pss_bytes, short_tmpdir  # noqa: E402
+from ipc import aio
+from ipc.messages import Deploy, Info, ListTasks
+from fmplex.client import AsyncClient
+from testkit.launch import DaemonProcess, pss_bytes, short_tmpdir
 
 MB = 1e6
 GOAL_PSS_MB = 60.0

@@ -32,7 +32,7 @@ class Baselines:
 
     def __init__(self, name: str, device: str = "cpu", partition_mode: str = "auto",
                  threads: int = 0):
-        from tasklets.launch import short_tmpdir
+        from testkit.launch import short_tmpdir
         self.name, self.device, self.partition_mode = name, device, partition_mode
         self.threads = threads                 # co-located: torch threads (0 = torch's default)
         self.dir = short_tmpdir("fmx-bl-")

@@ -1,4 +1,4 @@
-"""The fmplex system under test: the real fmplexd (tasklets.launch.DaemonProcess) and one task
+"""The fmplex system under test: the real fmplexd (testkit.launch.DaemonProcess) and one task
 process per task, deployed through the control socket by the daemon's supervisor.
 
 Fmplex has the interface every system has for the load driver (bench/servebench/driver.py):
@@ -20,7 +20,7 @@ class Fmplex:
     name = "fmplex"
 
     def __init__(self, bank: TaskBank, threads: int = 0):
-        from tasklets.launch import DaemonProcess, short_tmpdir
+        from testkit.launch import DaemonProcess, short_tmpdir
         self.bank = bank
         self.daemon = DaemonProcess("embedded", workdir=short_tmpdir("fmx-bd-"), threads=threads)
         self.tasks: list[TaskDef] = []
@@ -39,7 +39,7 @@ class Fmplex:
         raises."""
         from ipc.errors import FmplexError
         from ipc.messages import Deploy, RemoveTask
-        from tasklets.client import AsyncClient
+        from fmplex.client import AsyncClient
         sem = asyncio.Semaphore(concurrency)
         async with AsyncClient(self.daemon.run_dir, timeout_s=300) as c:
             async def one(t: TaskDef):
@@ -68,7 +68,7 @@ class Fmplex:
             c.control(RemoveTask(ref=c.ref(), name=name))
 
     async def open(self, timeout_s: float) -> None:
-        from tasklets.client import AsyncClient
+        from fmplex.client import AsyncClient
         self.client = AsyncClient(self.daemon.run_dir, timeout_s=timeout_s)
 
     async def infer(self, task: int, text: str, timeout_s: float):

@@ -80,7 +80,7 @@ def leftovers(wait_s: float = 15.0) -> list[int]:
 
 
 def pss_total(pids: dict[str, list[int]]) -> dict:
-    from tasklets.launch import pss_bytes
+    from testkit.launch import pss_bytes
     out, total = {}, 0
     SEEN.update(filter(None, (_identity(p) for ps in pids.values() for p in ps)))
     for role, ps in pids.items():

@@ -31,20 +31,19 @@ def write_task(work: str, i: int, hidden: int, intermediate: int, layers: int) -
     2 + i % 4 labels (random weights: the benchmark measures serving, not accuracy)."""
     import torch
     from safetensors.torch import save_file
-    from ipc.messages import Module
-    from tasklets.demo.train import Recipe, write_peft_lora
+    from fmplex.demo.train import Recipe, write_peft_lora
     name = f"t{i:03d}"
     d = os.path.join(work, name)
     spec_path = os.path.join(d, "task.toml")
     rank, targets, n_labels = RANKS[i % len(RANKS)], TARGETS[i % len(TARGETS)], 2 + i % 4
     if not os.path.exists(spec_path):
         g = torch.Generator().manual_seed(1000 + i)
-        modules = tuple(Module(m) for m in targets)
+        modules = tuple(targets)
         lora = {}
         for layer in range(layers):
             for m in modules:
-                fan_out, fan_in = (intermediate, hidden) if m is Module.FFN_IN else \
-                    (hidden, intermediate) if m is Module.FFN_OUT else (hidden, hidden)
+                fan_out, fan_in = (intermediate, hidden) if m == "ffn_in" else \
+                    (hidden, intermediate) if m == "ffn_out" else (hidden, hidden)
                 lora[(layer, m)] = (torch.randn(rank, fan_in, generator=g) / fan_in ** 0.5,
                                     torch.randn(fan_out, rank, generator=g) * 0.02)
         recipe = Recipe(task=name, rank=rank, alpha=2.0 * rank, modules=modules,
@@ -64,7 +63,7 @@ class TaskBank:
     """Writes task definitions on first use (the capacity phase may need hundreds)."""
 
     def __init__(self, work: str, backbone_dir: str):
-        from fmplexd.backbone import read_config
+        from fmplexd.families.encoder.loader import read_config
         self.work, self.cfg = work, read_config(backbone_dir)
         self._tasks: dict[int, TaskDef] = {}
 

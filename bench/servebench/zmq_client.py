@@ -1,5 +1,5 @@
 """The load driver's client for the baseline processes: the fmplex client protocol (Infer ->
-InferReply, the same messages and codec as tasklets.client) on one ZeroMQ DEALER per instance.
+InferReply, the same messages and codec as fmplex.client) on one ZeroMQ DEALER per instance.
 
 `await infer(instance index, text, timeout_s)` returns the InferReply, raises the typed error of
 an Error reply, or asyncio.TimeoutError. Created inside the running event loop; close() in it."""

@@ -1,4 +1,4 @@
-"""The benchmark's child processes and their launcher: `Child` runs bench/ipc.py --child ROLE ...,
+"""The benchmark's child processes and their launcher: `Child` runs bench/wire.py --child ROLE ...,
 `run_child` is what such a child runs (an echo peer on ipc://, an echo on an inherited AF_UNIX
 socket, or the region importer of region_import.py). `EchoPeer` pairs an echo child with a DEALER."""
 from __future__ import annotations
@@ -18,11 +18,10 @@ import zmq.asyncio
 from ipc import aio, codec, transport
 from ipc.errors import ProtocolError
 
-from ipcbench.plan import STOP
+from bench.wirebench.plan import STOP
 
 BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOT = os.path.dirname(BENCH)
-ENTRY = os.path.join(BENCH, "ipc.py")
 
 
 def run_child(role: str, rest: list[str], parent_pid: int, imports: int) -> int:
@@ -34,7 +33,7 @@ def run_child(role: str, rest: list[str], parent_pid: int, imports: int) -> int:
     elif role == "unix":
         child_unix_echo(int(rest[0]))
     elif role == "import":
-        from ipcbench.region_import import child_import
+        from bench.wirebench.region_import import child_import
         child_import(rest[0], imports)
     else:
         raise SystemExit(f"unknown child role {role!r}")
@@ -52,11 +51,11 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 class Child:
-    """A child process running bench/ipc.py --child ...; killed in close() whatever happened."""
+    """A child process running bench/wire.py --child ...; killed in close() whatever happened."""
 
     def __init__(self, *args: str, pass_fds: tuple[int, ...] = ()):
         self.proc = subprocess.Popen(
-            [sys.executable, ENTRY, "--child", *args,
+            [sys.executable, "-m", "bench.wire", "--child", *args,
              "--parent-pid", str(os.getpid())],
             stdout=subprocess.PIPE, text=True, cwd=ROOT, pass_fds=pass_fds)
 

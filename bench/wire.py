@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
-"""IPC benchmarks: codec cost per message, ipc:// round trips between two processes, and the import
+"""Wire benchmarks (the ipc package): codec cost per message, ipc:// round trips between two processes, and the import
 of a 100 MB shared-memory region through the handle plane.
 
-    python bench/ipc.py [--quick] [--out DIR]        (from the repository root)
+    python -m bench.wire [--quick] [--out DIR]        (from the repository root)
 
-Prints a markdown table last (goals marked PASS/FAIL) and writes ipc.json with every figure to --out
-(default: a fresh temporary directory). The same file runs its own child processes (`--child ...`):
+Prints a markdown table last (goals marked PASS/FAIL) and writes wire.json with every figure to --out
+(default: a fresh temporary directory). The same module runs its own child processes (`python -m bench.wire --child ...`):
 an echo peer (ROUTER) for the round trips and an importer for the shared-memory import.
-The pieces live in bench/ipcbench/ (one job per module; see its __init__).
+The pieces live in bench/wirebench/ (one job per module; see its __init__).
 """
 from __future__ import annotations
 
@@ -17,15 +17,14 @@ import sys
 import tempfile
 import time
 
-import common  # first: it puts the repository root ahead of bench/, where this very file would
-# shadow the `ipc` package, and keeps bench/ (common, ipcbench) importable behind it
-from ipc import messages as M  # noqa: E402
-from ipcbench import report  # noqa: E402
-from ipcbench.children import run_child  # noqa: E402
-from ipcbench.codec import bench_codec  # noqa: E402
-from ipcbench.plan import FULL, QUICK  # noqa: E402
-from ipcbench.region_import import bench_import  # noqa: E402
-from ipcbench.roundtrip import bench_round_trips  # noqa: E402
+from bench import common
+from ipc import messages as M
+from bench.wirebench import report
+from bench.wirebench.children import run_child
+from bench.wirebench.codec import bench_codec
+from bench.wirebench.plan import FULL, QUICK
+from bench.wirebench.region_import import bench_import
+from bench.wirebench.roundtrip import bench_round_trips
 
 
 def main(argv=None) -> int:
@@ -39,7 +38,7 @@ def main(argv=None) -> int:
         return run_child(role, rest, args.parent_pid, args.imports)
 
     plan = QUICK if args.quick else FULL
-    out_dir = common.out_dir(args.out, "ipc")
+    out_dir = common.out_dir(args.out, "wire")
     run_dir = tempfile.mkdtemp(prefix="fmplex-b-")      # sockets; short path for ipc://
     t_start, load_start = time.monotonic(), report.loadavg()
     try:
@@ -57,10 +56,10 @@ def main(argv=None) -> int:
                "codec": codec_rows, "round_trip": rt, "import": imp, "goals": gl,
                "elapsed_s": time.monotonic() - t_start}
     print(f"\n## codec, mean per call (median of {plan.codec_repeats} repeats; N per row in "
-          f"ipc.json)\n")
+          f"wire.json)\n")
     common.print_table(report.CODEC_HEADER, report.codec_rows(codec_rows))
     print()
-    common.write_json(out_dir, "ipc.json", results)
+    common.write_json(out_dir, "wire.json", results)
     m = results["meta"]
     print(f"({results['elapsed_s']:.1f} s, {m['cpus']} CPUs, load average "
           f"{m['loadavg_start']:.2f} -> {m['loadavg_end']:.2f}{', --quick' if args.quick else ''})\n")

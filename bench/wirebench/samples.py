@@ -12,20 +12,22 @@ from ipc import fields as F
 from ipc import messages as M
 from ipc.errors import ErrorCode
 
-from ipcbench.plan import TENSOR_1MIB_SHAPE
+from bench.wirebench.plan import TENSOR_1MIB_SHAPE
 
 
 def _backbone_info() -> M.BackboneInfo:
+    targets = [M.TargetInfo(name=n, path=p, in_features=i, out_features=o) for n, p, i, o in (
+        ("query", "attention.self.query", 384, 384), ("value", "attention.self.value", 384, 384))]
     return M.BackboneInfo(
-        name="minilm", model_type="bert", hidden=384, layers=6, heads=12, intermediate=1536,
-        vocab=30522, max_positions=512, dtype="float32",
-        tokenizer="/var/lib/fmplex/backbones/minilm/tokenizer.json", region_bytes=90_868_224,
-        checksum="3f2a9c0d5e7b41a8c6d2e0f9b1a7c3d5")
+        name="minilm", family=M.Family.TEXT_ENCODER, model_type="bert", hidden=384, layers=6,
+        heads=12, intermediate=1536, dtype="float32", region_bytes=90_868_224,
+        checksum="3f2a9c0d5e7b41a8c6d2e0f9b1a7c3d5", targets=targets, max_positions=512,
+        vocab=30522, tokenizer="/var/lib/fmplex/backbones/minilm/tokenizer.json")
 
 
 def _extension() -> M.ExtensionSpec:
     lora = [M.LoraEntry(layer=i, module=m, rank=8, scale=2.0)
-            for i in range(6) for m in (M.Module.QUERY, M.Module.VALUE)]
+            for i in range(6) for m in ("query", "value")]
     head = M.HeadSpec(kind=M.HeadKind.LINEAR, input=M.HeadInput.POOLED, num_labels=3)
     return M.ExtensionSpec(pooling=M.Pooling.MEAN, lora=lora, head=head)
 

@@ -12,7 +12,7 @@ import msgpack
 import numpy as np
 import zmq
 
-from ipcbench.plan import GOAL_IMPORT_RSS_MB, GOAL_IMPORT_US, GOAL_SMALL_P50_US, Plan
+from bench.wirebench.plan import GOAL_IMPORT_RSS_MB, GOAL_IMPORT_US, GOAL_SMALL_P50_US, Plan
 
 CODEC_HEADER = ["message", "frames", "header B", "tensor B", "encode us", "decode us",
                 "enc+dec us", "enc+dec min us"]

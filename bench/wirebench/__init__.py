@@ -1,4 +1,4 @@
-"""The pieces of bench/ipc.py, one job per module:
+"""The pieces of bench/wire.py, one job per module:
 
     plan.py           iteration plans (full / --quick), goals, shared constants
     samples.py        a representative instance of every message; message equality with arrays
@@ -8,5 +8,5 @@
     region_import.py  3. the 100 MB region import through the handle plane (both sides)
     report.py         goals, the markdown tables and the run's metadata
 
-bench/ipc.py is the entry point (and the child processes' entry point: `--child ROLE ...`).
+bench/wire.py is the entry point (and the child processes' entry point: `--child ROLE ...`).
 """

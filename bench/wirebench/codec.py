@@ -6,8 +6,8 @@ from itertools import repeat
 
 from ipc import codec
 
-from ipcbench.plan import Plan, perf_ns
-from ipcbench.samples import same_message, sample_messages
+from bench.wirebench.plan import Plan, perf_ns
+from bench.wirebench.samples import same_message, sample_messages
 
 def _loop_encode(msg, n):
     enc = codec.encode

@@ -14,9 +14,9 @@ import zmq.asyncio
 from ipc import aio, codec, transport
 from ipc import messages as M
 
-from ipcbench.children import Child, EchoPeer
-from ipcbench.plan import STOP, TENSOR_1MIB_SHAPE, Plan, perf_ns
-from ipcbench.samples import same_message
+from bench.wirebench.children import Child, EchoPeer
+from bench.wirebench.plan import STOP, TENSOR_1MIB_SHAPE, Plan, perf_ns
+from bench.wirebench.samples import same_message
 
 def _stats_us(samples_ns, cpu_ns: int) -> dict:
     """Latency percentiles, plus the parent process's CPU time per round trip (its zmq I/O thread

@@ -15,8 +15,8 @@ from ipc import aio
 from ipc import messages as M
 from ipc.errors import ErrorCode, FmplexError
 
-from ipcbench.children import Child
-from ipcbench.plan import IMPORT_TOKEN, REGION_ELEMS, Plan, perf_ns
+from bench.wirebench.children import Child
+from bench.wirebench.plan import IMPORT_TOKEN, REGION_ELEMS, Plan, perf_ns
 
 def child_import(path: str, imports: int) -> None:
     """Import the backbone region `imports` times over the handle plane (timed), then once more to
