@@ -11,7 +11,7 @@ ZeroMQ ROUTER), so the load driver speaks to every system with the same messages
 
 Forward: fmplexd's own Encoder over the merged weights (same kernels as the daemon, so a difference
 measured between the systems is a difference of the serving design, not of the model code); the
-same tokenizer and post-processing as a task process (tasklets.pipeline.TaskPipeline).
+same tokenizer and post-processing as a task process (tasklets.pipelines.text.TextPipeline).
 
 Batching: its own dynamic batching with no waiting. The loop blocks for a request, then takes every
 request already waiting (up to --max-batch requests / --max-batch-tokens tokens) into one packed
@@ -51,7 +51,8 @@ class MergedModel:
         from fmplexd.families.encoder.forward import Encoder
         from ipc.messages import HeadInput, HeadKind
         from tasklets.adapters import build_extension
-        from tasklets.pipeline import TaskPipeline
+        from types import SimpleNamespace
+        from tasklets.pipelines.text import TextPipeline
         self.torch, self.device = torch, torch.device(device)
         cfg = read_config(backbone_dir)
         # This process's own copy: safetensors maps the file, and clean file pages would be
@@ -75,7 +76,8 @@ class MergedModel:
         self.activation = spec.head_activation.value
         self.mean = spec.pooling.value == "mean"
         tokenizer = os.path.join(backbone_dir, "tokenizer.json")
-        self.pipeline = TaskPipeline(spec, tokenizer, cfg.max_positions)
+        self.pipeline = TextPipeline(spec, SimpleNamespace(tokenizer=tokenizer,
+                                                           max_positions=cfg.max_positions))
         self.offset = cfg.position_offset
 
     def run(self, ids_list: list, lengths: list[int]):

@@ -45,7 +45,7 @@ class _Tasks:
         from ipc.messages import TaskConfig, TaskState
         from tasklets.process import load_extension
         from ipc.spec import load_spec
-        from tasklets.pipeline import TaskPipeline
+        from tasklets.pipelines.text import TextPipeline
         from testkit.extensions import commit_extension
         info = engine.info("default")
         self.entries, self.pipelines = [], []
@@ -61,7 +61,7 @@ class _Tasks:
                               identity=f"task{i}".encode())
             engine.add_task(session, "default", 1.0, queue_limit)
             self.entries.append(entry)
-            self.pipelines.append(TaskPipeline(spec, info.tokenizer, info.max_positions))
+            self.pipelines.append(TextPipeline(spec, info))
 
 
 def _submit_frames(tasks: _Tasks, events) -> list:

@@ -52,6 +52,19 @@ class Session:
     version: int = 0
 
 
+class SessionCall:
+    """One session's requests on the link (what a pipeline sees): each request carries the
+    session's epoch and a fresh ref; `task` names the variant the session serves."""
+
+    def __init__(self, link: "DaemonLink", session: Session, task: str):
+        self.link, self.session, self.task = link, session, task
+
+    async def request(self, cls: type, **fields):
+        """One request, its one reply (an Error reply raises FmplexError)."""
+        return await self.link._request(cls(epoch=self.session.epoch, ref=next(self.link._refs),
+                                            **fields), timeout_s=None)
+
+
 class DaemonLink:
     def __init__(self, run_dir: RunDir, on_command: Callable[[Session, Command], Awaitable] | None = None):
         self.run_dir, self.on_command = run_dir, on_command
@@ -146,9 +159,9 @@ class DaemonLink:
 
     async def submit(self, session: Session, output: Output, ids: np.ndarray, lengths: list[int],
                      deadline_ms: int, type_ids: np.ndarray | None = None) -> Result:
-        return await self._request(Submit(epoch=session.epoch, ref=next(self._refs), output=output,
-                                          lengths=lengths, ids=ids, type_ids=type_ids,
-                                          deadline_ms=deadline_ms), timeout_s=None)
+        return await SessionCall(self, session, session.config.name).request(
+            Submit, output=output, lengths=lengths, ids=ids, type_ids=type_ids,
+            deadline_ms=deadline_ms)
 
     def reply(self, msg) -> None:
         """Answer the daemon (e.g. a relayed Command)."""

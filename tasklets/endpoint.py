@@ -2,10 +2,14 @@
 and optionally on tcp:// with CURVE. A ZAP policy admits, on ipc://, the owner's uid and root; on
 tcp://, only the client public keys listed in the spec.
 
-Guarantee: every Infer that decodes gets exactly one reply, an InferReply or an Error, whatever the
-handler does (exceptions become INTERNAL errors); a message that does not decode gets an Error.
-Admission: beyond `max_in_flight` concurrent requests, an Infer is answered `overloaded` at once,
-before any tokenizing, so a flood costs the host as little as possible.
+The requests it accepts are its pipeline's (`accepts`); the handler gets each with a `send`
+callable for messages before the final reply (a stream), which returns False once the client has
+gone (ROUTER_MANDATORY: the send fails), so the handler can stop early.
+
+Guarantee: every request that decodes gets exactly one final reply, the handler's or an Error,
+whatever the handler does (exceptions become INTERNAL errors); a message that does not decode gets
+an Error. Admission: beyond `max_in_flight` concurrent requests, a request is answered `overloaded`
+at once, before any tokenizing, so a flood costs the host as little as possible.
 """
 from __future__ import annotations
 
@@ -21,17 +25,19 @@ from zmq.utils import z85
 from ipc import codec, transport
 from ipc.addresses import socket_path
 from ipc.errors import ErrorCode, FmplexError, ProtocolError
-from ipc.messages import Error, Infer, Message
+from ipc.messages import Error, Message
 from ipc.zap import ZapRequest, ZapServer
 
 log = logging.getLogger("fmplex.endpoint")
-Handler = Callable[[Infer], Awaitable[Message]]
+Handler = Callable[[Message, Callable[[Message], bool]], Awaitable[Message]]
 
 
 class ClientEndpoint:
     def __init__(self, ctx: zmq.asyncio.Context, address: str, owner_uid: int, handler: Handler,
-                 tcp: str = "", authorized_keys: tuple[str, ...] = (), max_in_flight: int = 512):
+                 accepts: frozenset[type], tcp: str = "", authorized_keys: tuple[str, ...] = (),
+                 max_in_flight: int = 512):
         self.ctx, self.address, self.owner_uid, self.handler = ctx, address, owner_uid, handler
+        self.accepts = frozenset(accepts)
         self.max_in_flight = max_in_flight
         self.tcp, self.authorized = tcp, {z85.decode(k) for k in authorized_keys}
         public, self._secret = zmq.curve_keypair() if tcp else (b"", b"")
@@ -69,7 +75,7 @@ class ClientEndpoint:
         while True:
             env = await transport.recv(sock, router_side=True)
             try:
-                msg = env.decode(frozenset({Infer}))
+                msg = env.decode(self.accepts)
             except ProtocolError as e:
                 self._send(sock, env.identity, Error(codec.peek_ref(env.frames), e.code, e.message))
                 continue
@@ -82,9 +88,9 @@ class ClientEndpoint:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _answer(self, sock, identity: bytes, msg: Infer) -> None:
+    async def _answer(self, sock, identity: bytes, msg: Message) -> None:
         try:
-            reply = await self.handler(msg)
+            reply = await self.handler(msg, lambda m: self._send(sock, identity, m))
         except FmplexError as e:
             reply = Error(msg.ref, e.code, e.message)
         except Exception as e:           # the guarantee: one reply, whatever happened
@@ -95,11 +101,14 @@ class ClientEndpoint:
         self._send(sock, identity, reply)
 
     @staticmethod
-    def _send(sock, identity: bytes, msg: Message) -> None:
+    def _send(sock, identity: bytes, msg: Message) -> bool:
         try:
             transport.send(sock, msg, identity)
-        except (transport.PeerGone, transport.PeerBusy):
-            pass      # the client left; there is nobody to tell
+            return True
+        except transport.PeerGone:
+            return False      # the client left; there is nobody to tell
+        except transport.PeerBusy:
+            return True       # not reading right now: this message is dropped, the client lives
 
     async def close(self) -> None:
         for t in list(self._tasks):

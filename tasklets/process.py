@@ -25,13 +25,12 @@ import zmq.asyncio
 
 from ipc.addresses import RunDir, default_run_dir
 from ipc.errors import TASK_EXIT_PREFIX, ErrorCode, FmplexError, ProtocolError
-from ipc.messages import (PROTOCOL_VERSION, BackboneInfo, Command, Error, HeadInput, Infer, Ok,
-                          Op)
-from tasklets.adapters import Extension, build_extension, validate
-from tasklets.daemon_link import DaemonLink, DaemonLost, Session
-from tasklets.endpoint import ClientEndpoint
-from tasklets.pipeline import TaskPipeline
+from ipc.messages import PROTOCOL_VERSION, BackboneInfo, Command, Error, HeadInput, Message, Ok, Op
 from ipc.spec import TaskSpec, load_spec, parse_spec
+from tasklets.adapters import Extension, build_extension, validate
+from tasklets.daemon_link import DaemonLink, DaemonLost, Session, SessionCall
+from tasklets.endpoint import ClientEndpoint
+from tasklets.pipelines import Pipeline, Send, make_pipeline
 
 log = logging.getLogger("fmplex.task")
 RECONNECT_TIMEOUT_S = 3600.0
@@ -45,7 +44,7 @@ class Variant:
     name: str                    # "sentiment" or "sentiment@canary"
     spec: TaskSpec
     ext: Extension
-    pipeline: TaskPipeline
+    pipeline: Pipeline
     session: Session | None = None
 
 
@@ -81,7 +80,8 @@ class TaskProcess:
         self.link = await self._connect(timeout_s=30.0)
         self.main = self._variant(self.spec.name, self.spec, self.link.welcome)
         self.endpoint = ClientEndpoint(zmq.asyncio.Context(), self.address, self.spec.owner_uid,
-                                       self.infer, self.spec.tcp, self.spec.authorized_keys,
+                                       self.handle, self.main.pipeline.accepts, self.spec.tcp,
+                                       self.spec.authorized_keys,
                                        max_in_flight=max(16, 2 * self.spec.queue_limit))
         await self._register(self.main)
         self.registered.set()
@@ -95,14 +95,16 @@ class TaskProcess:
 
     # -- serving ------------------------------------------------------------------------------
 
-    async def infer(self, msg: Infer):
-        if msg.proto and msg.proto != PROTOCOL_VERSION:
+    async def handle(self, msg: Message, send: Send) -> Message:
+        """One client request: pick the version (main or canary), wait out a reconnect, and run
+        the pipeline within the request's deadline."""
+        if getattr(msg, "proto", 0) and msg.proto != PROTOCOL_VERSION:
             raise ProtocolError(ErrorCode.VERSION_MISMATCH, f"protocol {msg.proto} is not supported "
                                 f"(this task speaks {PROTOCOL_VERSION})")
         variant = self.main
         if self.canary is not None and self._rng.random() * 100 < self.canary_percent:
             variant = self.canary
-        deadline_ms = msg.timeout_ms or variant.spec.deadline_ms
+        deadline_ms = getattr(msg, "timeout_ms", 0) or variant.spec.deadline_ms
         if not self.registered.is_set():         # reconnecting: wait a little, then say so
             try:
                 await asyncio.wait_for(self.registered.wait(),
@@ -112,15 +114,12 @@ class TaskProcess:
         session = variant.session
         if session is None:                       # a canary dropped while we waited
             variant, session = self.main, self.main.session
-        enc = variant.pipeline.encode(msg.texts, msg.pairs)
+        call = SessionCall(self.link, session, variant.name)
         try:
-            result = await asyncio.wait_for(
-                self.link.submit(session, variant.pipeline.output, enc.ids, enc.lengths, deadline_ms),
-                deadline_ms / 1e3)
+            return await asyncio.wait_for(variant.pipeline.serve(msg, call, send, deadline_ms),
+                                          deadline_ms / 1e3)
         except asyncio.TimeoutError:
             raise FmplexError(ErrorCode.TIMEOUT, f"no result within {deadline_ms} ms") from None
-        return variant.pipeline.reply(msg.ref, variant.name, result.version, enc, result.data,
-                                      msg.top_k or variant.spec.top_k)
 
     # -- daemon connection --------------------------------------------------------------------
 
@@ -140,8 +139,7 @@ class TaskProcess:
     def _variant(self, name: str, spec: TaskSpec, welcome) -> Variant:
         info = next(b for b in welcome.backbones if b.name == spec.backbone)
         ext = load_extension(spec, info)
-        pipeline = TaskPipeline(spec, info.tokenizer, info.max_positions - ext.spec.prompt_tokens)
-        return Variant(name, spec, ext, pipeline)
+        return Variant(name, spec, ext, make_pipeline(spec, info, ext.spec.prompt_tokens))
 
     async def _register(self, v: Variant) -> None:
         variant = v.name.partition("@")[2]

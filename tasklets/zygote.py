@@ -43,10 +43,15 @@ def preload(tokenizer_paths: list[str]) -> None:
     import concurrent.futures.thread  # noqa: F401  (uvloop's loop imports it lazily)
 
     import ipc.aio  # noqa: F401  (the task's whole import graph, lazy imports included)
+    import importlib
+
     import tasklets.process  # noqa: F401
-    from tasklets import pipeline
+    from tasklets.pipelines import MODULES
+    from tasklets.pipelines.tokenizer_cache import preload_tokenizer
+    for module in MODULES:
+        importlib.import_module(module)
     for path in tokenizer_paths:
-        pipeline.preload_tokenizer(path)
+        preload_tokenizer(path)
     gc.collect()
     gc.freeze()
 

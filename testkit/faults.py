@@ -1,7 +1,8 @@
 """Fault injection into task processes, for tests and the chaos benchmark. Product code has no hook
 for it: `fault_env(spec)` returns the environment that makes a Python process load
-testkit/inject/sitecustomize.py, which patches the task pipeline's `encode` as tasklets.pipeline is
-imported (in a task process, or in the task zygote whose forks then share the patch).
+testkit/inject/sitecustomize.py, which patches the task process's request handler as
+tasklets.process is imported (in a task process, or in the task zygote whose forks then share the
+patch).
 
 spec = "raise=<text>,segfault=<text>,hang=<text>,exit=<text>": when an input equals <text>, the
 task process raises inside its pipeline (the request gets an INTERNAL error, the process lives
@@ -50,13 +51,14 @@ def check(texts: list[str]) -> None:
                     time.sleep(3600)
 
 
-def patch_pipeline(module) -> None:
-    """Wrap module.TaskPipeline.encode (tasklets.pipeline) so that it checks the triggers first."""
-    encode = module.TaskPipeline.encode
+def patch_process(module) -> None:
+    """Wrap module.TaskProcess.handle (tasklets.process) so that it checks the triggers first,
+    against a request's texts (or its prompt)."""
+    handle = module.TaskProcess.handle
 
-    @functools.wraps(encode)
-    def faulty_encode(self, texts, *args, **kwargs):
-        check(list(texts))
-        return encode(self, texts, *args, **kwargs)
+    @functools.wraps(handle)
+    async def faulty_handle(self, msg, *args, **kwargs):
+        check(list(getattr(msg, "texts", None) or [getattr(msg, "prompt", None) or ""]))
+        return await handle(self, msg, *args, **kwargs)
 
-    module.TaskPipeline.encode = faulty_encode
+    module.TaskProcess.handle = faulty_handle

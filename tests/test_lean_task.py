@@ -12,7 +12,7 @@ from testkit.launch import REPO, Daemon, TaskProc, short_tmpdir, write_spec
 from testkit.tiny import write_random_head as write_head, write_random_lora as write_lora
 
 HIDDEN = 32
-TASK_MODULES = ("tasklets", "tasklets.process", "tasklets.pipeline", "tasklets.daemon_link",
+TASK_MODULES = ("tasklets", "tasklets.process", "tasklets.pipelines.text", "tasklets.daemon_link",
                 "tasklets.endpoint", "tasklets.adapters", "tasklets.zygote", "ipc.spec", "ipc.aio",
                 "ipc.zap")
 CLIENT_MODULES = ("fmplex", "fmplex.client", "fmplex.cli", "fmplex.render", "fmplex.local_daemon")

@@ -1,9 +1,9 @@
 """Loaded at interpreter start when testkit/inject is on PYTHONPATH (testkit.faults.fault_env): when
-tasklets.pipeline is imported, patch it with testkit.faults. Nothing else is imported here."""
+tasklets.process is imported, patch it with testkit.faults. Nothing else is imported here."""
 import importlib.abc
 import sys
 
-TARGET = "tasklets.pipeline"
+TARGET = "tasklets.process"
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
@@ -22,8 +22,8 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 
         def exec_and_patch(module):
             exec_module(module)
-            from testkit.faults import patch_pipeline
-            patch_pipeline(module)
+            from testkit.faults import patch_process
+            patch_process(module)
 
         spec.loader.exec_module = exec_and_patch
         return spec

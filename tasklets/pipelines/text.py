@@ -1,5 +1,5 @@
-"""A task's pre- and post-processing: tokenize with the backbone's own tokenizer (tokenizers on
-tokenizer.json), and turn the executor's output into the client's answer (numpy only).
+"""Text-encoder pipelines: tokenize with the backbone's own tokenizer (tokenizers on tokenizer.json),
+submit, and turn the executor's output into the client's answer (numpy only).
 
 Over-long inputs are truncated to the positions the backbone leaves (its limit minus the task's
 virtual prompt tokens); the reply marks each truncated input (`truncated[i] = true`).
@@ -16,20 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from tokenizers import Tokenizer
-
 from ipc.errors import ErrorCode, FmplexError
-from ipc.messages import MAX_SEQUENCES, InferReply, LabelScore, TokenLabel
+from ipc.messages import (MAX_SEQUENCES, BackboneInfo, Infer, InferReply, LabelScore, Result,
+                          Submit, TokenLabel)
 from ipc.spec import Pipeline, TaskSpec
-
-_PRELOADED: dict[str, Tokenizer] = {}
-
-
-def preload_tokenizer(path: str) -> None:
-    """Load a tokenizer ahead of time (the task zygote does, so that its forks share the vocabulary
-    copy-on-write). The first pipeline of the process with that path takes it; later ones (e.g. a
-    canary, which may truncate differently) load their own, since a pipeline configures it."""
-    _PRELOADED[path] = Tokenizer.from_file(path)
+from tasklets.pipelines.tokenizer_cache import load_tokenizer
 
 
 @dataclass(slots=True)
@@ -41,19 +32,30 @@ class Encoded:
     special: list[list[int]]                 # per sequence, per token: 1 if special
 
 
-class TaskPipeline:
-    def __init__(self, spec: TaskSpec, tokenizer_path: str, max_length: int):
-        if not tokenizer_path:
+class TextPipeline:
+    """Infer -> tokenize -> Submit -> Result -> InferReply (one daemon request per client request)."""
+
+    accepts = frozenset({Infer})
+
+    def __init__(self, spec: TaskSpec, info: BackboneInfo, prompt_tokens: int = 0):
+        if not info.tokenizer:
             raise FmplexError(ErrorCode.INVALID_INPUT, "the backbone has no tokenizer.json")
         self.spec = spec
-        self.tokenizer = _PRELOADED.pop(tokenizer_path, None) or Tokenizer.from_file(tokenizer_path)
+        self.max_length = info.max_positions - prompt_tokens
+        self.tokenizer = load_tokenizer(info.tokenizer)
         self.tokenizer.no_padding()
-        self.tokenizer.enable_truncation(max_length)
-        self.max_length = max_length
+        self.tokenizer.enable_truncation(self.max_length)
 
     @property
     def output(self):
         return self.spec.pipeline.output
+
+    async def serve(self, msg: Infer, call, send, deadline_ms: int) -> InferReply:
+        enc = self.encode(msg.texts, msg.pairs)
+        result: Result = await call.request(Submit, output=self.output, lengths=enc.lengths,
+                                            ids=enc.ids, deadline_ms=deadline_ms)
+        return self.reply(msg.ref, call.task, result.version, enc, result.data,
+                          msg.top_k or self.spec.top_k)
 
     def encode(self, texts: list[str], pairs: list[str] | None = None) -> Encoded:
         if self.spec.pipeline is Pipeline.SIMILARITY:
