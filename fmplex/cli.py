@@ -2,6 +2,9 @@
 
     fmplex demo                          the main job: daemon + tasks + load on the real backbone
     fmplex infer TASK TEXT... [--pair TEXT...] [--top-k K] [--json]
+    fmplex generate TASK PROMPT [--chat] [--max-tokens N] [--temperature T] [--top-p P]
+                    [--top-k K] [--seed S] [--stop STR ...] [--json]
+                                         streams the text; --json prints one object at the end
     fmplex task run SPEC                 run a task process (as `python -m tasklets SPEC`)
     fmplex task deploy SPEC              have the daemon start and supervise a task
     fmplex task list | update NAME SPEC [--canary PCT] | promote NAME | rollback NAME | remove NAME
@@ -34,6 +37,29 @@ def cmd_infer(args) -> int:
         print(json.dumps(reply_as_dict(reply), indent=2))
     else:
         print("\n".join(reply_lines(reply, args.texts)))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    sampling = {k: v for k, v in (("max_tokens", args.max_tokens), ("temperature", args.temperature),
+                                  ("top_p", args.top_p), ("top_k", args.top_k),
+                                  ("seed", args.seed), ("stop", args.stop)) if v is not None}
+    prompt = {"messages": [{"role": "user", "content": args.prompt}]} if args.chat \
+        else {"prompt": args.prompt}
+    with _client(args) as c:
+        if args.json:
+            reply = c.generate(args.task, **prompt, **sampling)
+            print(json.dumps({"text": reply.text, "token_ids": reply.token_ids,
+                              "prompt_tokens": reply.prompt_tokens,
+                              "completion_tokens": reply.completion_tokens,
+                              "finish_reason": reply.finish_reason.value}))
+            return 0
+        for part in c.stream(args.task, **prompt, **sampling):
+            if hasattr(part, "finish_reason"):
+                print(f"\n[{part.finish_reason.value}: {part.completion_tokens} tokens]",
+                      file=sys.stderr)
+            else:
+                print(part.text, end="", flush=True)
     return 0
 
 
@@ -84,9 +110,16 @@ def cmd_info(args) -> int:
             return 0 if h.ready else 1
         info = c.control(Info(ref=c.ref()))
     print(f"fmplexd {info.version}  epoch {info.epoch:x}  up {info.uptime_s:.0f}s  run dir {info.run_dir}")
+    load = {s.name: s for s in info.load}
     for b in info.backbones:
-        print(f"backbone {b.name}: {b.model_type} {b.layers}x{b.hidden} {b.dtype}, "
-              f"{b.region_bytes / 2**20:.1f} MiB, checksum {b.checksum}")
+        print(f"backbone {b.name}: {b.family.value} ({b.model_type}) {b.layers}x{b.hidden} "
+              f"{b.dtype}, {b.region_bytes / 2**20:.1f} MiB, checksum {b.checksum}")
+        s = load.get(b.name)
+        if s is not None:
+            kv = (f", KV {s.kv_blocks_used}/{s.kv_blocks_total} blocks of {s.kv_block_tokens} "
+                  f"tokens, {s.sequences} generating, {s.preemptions} preempted"
+                  if s.kv_blocks_total else "")
+            print(f"  {s.batches} batches, {s.tokens_per_s:.0f} tokens/s{kv}")
     for r in info.regions:
         print(f"  region {r.name:32s} {r.kind:9s} {r.bytes / 2**20:9.2f} MiB")
     return 0
@@ -121,6 +154,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_infer)
+    p = sub.add_parser("generate", help="generate text with a text-generation task (streams)")
+    p.add_argument("task")
+    p.add_argument("prompt", help="a raw prompt (special tokens recognized), or with --chat the "
+                   "user's message")
+    p.add_argument("--chat", action="store_true", help="send PROMPT as one user chat message")
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", nargs="+", help="stop strings")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_generate)
     t = sub.add_parser("task", help="task lifecycle").add_subparsers(dest="action", required=True)
     for name in ("run", "deploy"):
         q = t.add_parser(name)

@@ -4,6 +4,11 @@
         reply = c.infer("sentiment", ["what a great day"])
         reply.labels[0][0].label, reply.labels[0][0].score
 
+    with Client() as c:                                   # a text-generation task
+        c.generate("chat", messages=[{"role": "user", "content": "Hi!"}]).text
+        for part in c.stream("chat", prompt="Once upon a time"):   # TextDelta..., GenerateReply
+            print(getattr(part, "text", ""), end="")
+
 Tasks are found by name through the daemon's control socket (Resolve), then each call goes to the
 task's own endpoint. Failures raise typed errors (ipc.errors): OverloadedError, RequestTimeout
 (also raised client-side when no reply comes within the timeout), TaskUnavailable /
@@ -29,8 +34,11 @@ from zmq.utils.monitor import recv_monitor_message
 
 from ipc import transport
 from ipc.addresses import RunDir, default_run_dir
-from ipc.errors import ErrorCode, ProtocolError, RequestTimeout, TaskUnavailable, error_for
-from ipc.messages import PROTOCOL_VERSION, Endpoint, Error, Infer, InferReply, Message, Resolve
+from ipc.errors import (ErrorCode, FmplexError, ProtocolError, RequestTimeout, TaskUnavailable,
+                        error_for)
+from ipc.messages import (PROTOCOL_VERSION, CancelRequest, ChatMessage, Endpoint, Error,
+                          GenerateReply, GenerateText, Infer, InferReply, Message, Resolve,
+                          TextDelta)
 
 DEFAULT_TIMEOUT_S = 30.0
 WATCHED = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
@@ -82,6 +90,24 @@ def _raise_if_error(reply: Message) -> Message:
     if isinstance(reply, Error):
         raise error_for(reply.code, reply.message)
     return reply
+
+
+def generate_request(ref: int, prompt: str | None = None, messages=None,
+                     max_tokens: int | None = None, temperature: float | None = None,
+                     top_p: float | None = None, top_k: int | None = None,
+                     seed: int | None = None, stop: list[str] | None = None,
+                     stop_token_ids: list[int] | None = None, stream: bool = False,
+                     ignore_eos: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S) -> GenerateText:
+    """A GenerateText; `messages` may be ChatMessage objects or {"role", "content"} dicts."""
+    chat = None if messages is None else [
+        m if isinstance(m, ChatMessage) else ChatMessage(role=m["role"], content=m["content"])
+        for m in messages]
+    return GenerateText(ref=ref, prompt=prompt, messages=chat, max_tokens=max_tokens,
+                        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                        stop=list(stop) if stop is not None else None,
+                        stop_token_ids=list(stop_token_ids) if stop_token_ids else None,
+                        stream=stream, ignore_eos=ignore_eos,
+                        timeout_ms=int(timeout_s * 1000), proto=PROTOCOL_VERSION)
 
 
 class Client:
@@ -146,6 +172,68 @@ class Client:
             out.append(_raise_if_error(replies[m.ref]))
         return out
 
+    def generate(self, task: str, prompt: str | None = None, messages=None,
+                 timeout_s: float | None = None, **sampling) -> GenerateReply:
+        """Generate with a text-generation task; returns the final GenerateReply (text, token ids,
+        counts, finish reason). `sampling`: max_tokens, temperature, top_p, top_k, seed, stop,
+        stop_token_ids, ignore_eos (unset = the task's defaults)."""
+        reply = None
+        for part in self._generation(task, prompt, messages, timeout_s, False, sampling):
+            reply = part
+        return reply
+
+    def stream(self, task: str, prompt: str | None = None, messages=None,
+               timeout_s: float | None = None, **sampling):
+        """Like generate, streaming: yields TextDelta messages as tokens come, then the final
+        GenerateReply. Leaving the loop early cancels the generation."""
+        return self._generation(task, prompt, messages, timeout_s, True, sampling)
+
+    def _generation(self, task, prompt, messages, timeout_s, stream: bool, sampling: dict):
+        timeout_s = timeout_s or self.timeout_s
+        link = self._task_link(task)
+        msg = generate_request(self.ref(), prompt, messages, stream=stream, timeout_s=timeout_s,
+                               **sampling)
+        if not link.wait_connected(min(timeout_s, CONNECT_GRACE_S)):
+            raise _unavailable(task)
+        transport.send(link.sock, msg)
+        done = False
+        try:
+            for reply in self._replies(link, msg.ref, time.monotonic() + timeout_s, task):
+                if isinstance(reply, GenerateReply):
+                    done = True
+                    yield reply
+                    return
+                if isinstance(reply, TextDelta):
+                    if stream:
+                        yield reply
+                    continue
+                done = True
+                _raise_if_error(reply)
+        finally:
+            if not done:                     # abandoned (timeout, caller left): stop it
+                try:
+                    transport.send(link.sock, CancelRequest(ref=msg.ref))
+                except FmplexError:
+                    pass
+
+    @staticmethod
+    def _replies(link: _Link, ref: int, deadline: float, task: str):
+        """Messages answering `ref` until the deadline (RequestTimeout) or a disconnect."""
+        poller = zmq.Poller()
+        poller.register(link.sock, zmq.POLLIN)
+        poller.register(link.monitor, zmq.POLLIN)
+        while True:
+            left = deadline - time.monotonic()
+            events = dict(poller.poll(max(1, int(left * 1000)))) if left > 0 else {}
+            if not events:
+                raise RequestTimeout(ErrorCode.TIMEOUT, f"no reply from {task} in time")
+            if link.sock in events:
+                reply = transport.recv_sync(link.sock, router_side=False).decode()
+                if getattr(reply, "ref", None) == ref:
+                    yield reply
+            elif link.drain():
+                raise TaskUnavailable(ErrorCode.TASK_UNAVAILABLE, f"task {task} went away")
+
     def _task_link(self, task: str) -> _Link:
         link = self._tasks.get(task)
         if link is None:
@@ -193,6 +281,7 @@ class AsyncClient:
         self.ctx = zmq.asyncio.Context()
         self._socks: dict[str, tuple[zmq.asyncio.Socket, list[asyncio.Task]]] = {}
         self._pending: dict[int, tuple[str, asyncio.Future]] = {}
+        self._streams: dict[int, tuple[str, asyncio.Queue]] = {}     # ref -> (task, its replies)
         self._up: dict[str, asyncio.Event] = {}           # task -> connected (from its monitor)
         self._refs = itertools.count(1)
 
@@ -221,6 +310,60 @@ class AsyncClient:
     async def infer(self, task: str, texts: list[str], pairs: list[str] | None = None,
                     top_k: int = 0, timeout_s: float | None = None) -> InferReply:
         timeout_s = timeout_s or self.timeout_s
+        await self._connected(task, timeout_s)
+        msg = Infer(ref=next(self._refs), texts=list(texts), pairs=list(pairs) if pairs else None,
+                    top_k=top_k, timeout_ms=int(timeout_s * 1000), proto=PROTOCOL_VERSION)
+        return await self._call(task, None, msg, timeout_s)
+
+    async def generate(self, task: str, prompt: str | None = None, messages=None,
+                       timeout_s: float | None = None, **sampling) -> GenerateReply:
+        """See Client.generate."""
+        reply = None
+        async for part in self._generation(task, prompt, messages, timeout_s, False, sampling):
+            reply = part
+        return reply
+
+    def stream(self, task: str, prompt: str | None = None, messages=None,
+               timeout_s: float | None = None, **sampling):
+        """See Client.stream: an async iterator of TextDelta, then the GenerateReply."""
+        return self._generation(task, prompt, messages, timeout_s, True, sampling)
+
+    async def _generation(self, task, prompt, messages, timeout_s, stream: bool, sampling: dict):
+        timeout_s = timeout_s or self.timeout_s
+        deadline = time.monotonic() + timeout_s
+        await self._connected(task, timeout_s)
+        msg = generate_request(next(self._refs), prompt, messages, stream=stream,
+                               timeout_s=timeout_s, **sampling)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[msg.ref] = (task, queue)
+        sock, done = self._socks[task][0], False
+        try:
+            transport.send(sock, msg)
+            while True:
+                left = deadline - time.monotonic()
+                try:
+                    reply = await asyncio.wait_for(queue.get(), max(left, 0.001))
+                except asyncio.TimeoutError:
+                    raise RequestTimeout(ErrorCode.TIMEOUT, f"no reply from {task} in time") from None
+                if isinstance(reply, BaseException):
+                    raise reply
+                if isinstance(reply, TextDelta):
+                    if stream:
+                        yield reply
+                    continue
+                done = True
+                yield _raise_if_error(reply)
+                return
+        finally:
+            self._streams.pop(msg.ref, None)
+            if not done:                     # abandoned (timeout, caller left): stop it
+                try:
+                    transport.send(sock, CancelRequest(ref=msg.ref))
+                except FmplexError:
+                    pass
+
+    async def _connected(self, task: str, timeout_s: float) -> None:
+        """Resolve and connect to the task's endpoint (a dead one fails within CONNECT_GRACE_S)."""
         if task not in self._socks:
             ep = await self.control(Resolve(ref=next(self._refs), name=task))
             self._open(task, ep.address, watch=True)
@@ -230,9 +373,6 @@ class AsyncClient:
                 await asyncio.wait_for(up.wait(), min(timeout_s, CONNECT_GRACE_S))
             except asyncio.TimeoutError:
                 raise _unavailable(task) from None
-        msg = Infer(ref=next(self._refs), texts=list(texts), pairs=list(pairs) if pairs else None,
-                    top_k=top_k, timeout_ms=int(timeout_s * 1000), proto=PROTOCOL_VERSION)
-        return await self._call(task, None, msg, timeout_s)
 
     def _open(self, key: str, address: str, watch: bool = False) -> zmq.asyncio.Socket:
         if key in self._socks:                     # opened meanwhile by a concurrent call
@@ -268,6 +408,10 @@ class AsyncClient:
                 reply = env.decode()
             except ProtocolError:
                 continue
+            _, queue = self._streams.get(getattr(reply, "ref", -1), (None, None))
+            if queue is not None:
+                queue.put_nowait(reply)
+                continue
             _, fut = self._pending.get(getattr(reply, "ref", -1), (None, None))
             if fut is not None and not fut.done():
                 fut.set_result(reply)
@@ -282,9 +426,12 @@ class AsyncClient:
                 if event["event"] != zmq.EVENT_DISCONNECTED:
                     continue
                 self._up[key].clear()
+                gone = TaskUnavailable(ErrorCode.TASK_UNAVAILABLE, f"task {key} went away")
                 for k, fut in list(self._pending.values()):
                     if k == key and not fut.done():
-                        fut.set_exception(TaskUnavailable(
-                            ErrorCode.TASK_UNAVAILABLE, f"task {key} went away"))
+                        fut.set_exception(gone)
+                for k, queue in list(self._streams.values()):
+                    if k == key:
+                        queue.put_nowait(gone)
         finally:
             monitor.close(linger=0)

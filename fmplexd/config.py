@@ -11,6 +11,9 @@ backbone. Built once, never rewritten after construction.
     idle_credit_tokens = 0             # tokens a task returning from idle may bank (0 = none, the
                                        # strict lift rule); see fmplexd.scheduler
     max_batch_requests = 256
+    kv_pool_mb = 512                   # decoder backbones: KV pool size per backbone
+    kv_block_tokens = 16               # token slots per KV block
+    max_sequences = 64                 # decoder backbones: sequences generating at once
     max_request_tokens = 16384         # per Submit; larger ones are refused as oversized
     threads = 0                        # torch intra-op threads; 0 = cores - 1 (min 1), leaving a
                                        # core to task processes, clients and the daemon's I/O
@@ -53,6 +56,9 @@ class DaemonConfig:
     batch_target_ms: int = 50
     idle_credit_tokens: int = 0
     max_batch_requests: int = 256
+    kv_pool_mb: float = 512.0
+    kv_block_tokens: int = 16
+    max_sequences: int = 64
     max_request_tokens: int = 16384
     threads: int = 0
     trust_root: bool = True
@@ -76,6 +82,8 @@ class DaemonConfig:
             raise ValueError("token_budget and max_batch_requests must be >= 1")
         if self.idle_credit_tokens < 0:
             raise ValueError("idle_credit_tokens must be >= 0")
+        if self.kv_pool_mb <= 0 or self.kv_block_tokens < 1 or self.max_sequences < 1:
+            raise ValueError("need kv_pool_mb > 0, kv_block_tokens >= 1 and max_sequences >= 1")
 
 
 def load_config(path: str | None, **overrides) -> DaemonConfig:

@@ -21,7 +21,7 @@ from fmplexd.relays import Relays
 from fmplexd.sessions import Sessions
 from ipc import codec, transport
 from ipc.errors import ErrorCode, FmplexError, ProtocolError
-from ipc.messages import (BackboneInfo, Command, Deploy, Endpoint, Error, Health, HealthReply,
+from ipc.messages import (BackboneInfo, BackboneStats, Command, Deploy, Endpoint, Error, Health, HealthReply,
                           Hello, Info, InfoReply, ListTasks, Message, Ok, Op, Register, RegionInfo,
                           RemoveTask, Resolve, TaskCommand, TaskList, TaskState, Welcome)
 
@@ -36,6 +36,7 @@ class DaemonFacts:
     run_dir: str
     backbones: Callable[[], list[BackboneInfo]]
     regions: Callable[[], list[RegionInfo]]         # the backbones' regions
+    load: Callable[[], list[BackboneStats]]         # the backbones' batches and KV use
 
 
 class ControlApi:
@@ -116,7 +117,8 @@ class ControlApi:
         f = self.facts
         return InfoReply(ref=ref, epoch=f.epoch, version=__version__,
                          uptime_s=time.monotonic() - f.started, run_dir=f.run_dir,
-                         backbones=f.backbones(), regions=f.regions() + self.sessions.regions())
+                         backbones=f.backbones(), regions=f.regions() + self.sessions.regions(),
+                         load=f.load())
 
     def _health(self, msg: Health) -> HealthReply:
         if not msg.name:

@@ -58,7 +58,8 @@ class Daemon:
         backbones = {}
         for b in config.backbones:
             self.notify(status=f"loading backbone {b.name}", extend_timeout_s=120)
-            backbones[b.name] = load_backbone(b.name, b.path, b.dtype)
+            workdir = os.path.join(self.run_dir.path, "backbones", b.name)
+            backbones[b.name] = load_backbone(b.name, b.path, b.dtype, workdir)
         self.backbones = backbones
         self.engine = Engine(backbones, config)
         self.engine.warm_up()
@@ -95,7 +96,7 @@ class Daemon:
         self.task_plane = TaskPlane(self.sessions, relays, self._welcome, self._reply_task,
                                     lambda: self.stopping, self.wake.set)
         facts = DaemonFacts(self.epoch, self.started, self.run_dir.path, self.engine.infos,
-                            self._backbone_regions)
+                            self._backbone_regions, self.engine.load)
         self.control = ControlApi(self.sessions, relays, facts, self._welcome,
                                   self.supervisor.deploy, self.supervisor.forget,
                                   self._reply_control, lambda: self.stopping)

@@ -18,7 +18,7 @@ from fmplexd.families import runner_for
 from fmplexd.families.base import Backbone, Delivery, Pending, Runner, TaskRef, Work
 from fmplexd.scheduler import Request, Scheduler
 from ipc.errors import ErrorCode, FmplexError
-from ipc.messages import BackboneInfo, Error, Message
+from ipc.messages import BackboneInfo, BackboneStats, Error, Message
 
 log = logging.getLogger("fmplexd.engine")
 REPRICE = 0.1               # re-price a backbone when its throughput moved by more than this
@@ -34,6 +34,7 @@ class Engine:
         self.runners: dict[str, Runner] = {name: runner_for(bb, settings)
                                            for name, bb in backbones.items()}
         self._prices: dict[str, float] = {}
+        self._batches: dict[str, int] = {}
 
     # -- backbones ------------------------------------------------------------------------------
 
@@ -48,6 +49,12 @@ class Engine:
     def infos(self) -> list[BackboneInfo]:
         return [bb.info for bb in self.backbones.values()]
 
+    def load(self) -> list[BackboneStats]:
+        """Each backbone's batches so far, throughput and (decoders) KV pool use."""
+        return [BackboneStats(name=g, batches=self._batches.get(g, 0),
+                              tokens_per_s=r.pacer.tokens_per_s, **r.kv_stats())
+                for g, r in self.runners.items()]
+
     def info(self, backbone: str) -> BackboneInfo:
         bb = self.backbones.get(backbone)
         if bb is None:
@@ -61,11 +68,18 @@ class Engine:
         self.info(backbone)
         self.scheduler.add_task(session, weight, queue_limit, group=backbone)
 
-    def remove_task(self, session: int) -> list[Pending]:
-        """Forget a session's task; returns its queued requests (to be answered by the caller)."""
+    def remove_task(self, session: int) -> list:
+        """Forget a session's task; returns its queued and running requests (each with .msg.ref,
+        to be answered by the caller)."""
         if session not in self.scheduler:
             return []
-        return [r.payload for r in self.scheduler.remove_task(session) if r.payload is not None]
+        group = self.scheduler.task_stats(session)["group"]
+        dropped = [r.payload for r in self.scheduler.remove_task(session) if r.payload is not None]
+        return dropped + self.runners[group].forget(session)
+
+    def cancel(self, task: TaskRef, ref: int) -> list[Delivery]:
+        """Stop a streaming request of `task` (a generation) and free what it holds."""
+        return self.runners[task.config.backbone].cancel(self.scheduler, task.session, ref)
 
     def task_stats(self, session: int) -> dict:
         if session not in self.scheduler:
@@ -113,6 +127,8 @@ class Engine:
         failed it) into deliveries."""
         work.runner.release(work)
         deliveries = work.runner.finish(work, outputs, t0, t1)
+        group = work.batch.group
+        self._batches[group] = self._batches.get(group, 0) + 1
         self._reprice()
         return deliveries
 

@@ -198,6 +198,17 @@ class Scheduler:
         if task.vtime > self._vclock:
             self._vclock = task.vtime
 
+    def cancel(self, req: Request) -> bool:
+        """Drop a queued request (state DROPPED; it is skipped lazily). False if it was not
+        queued (taken, expired, or dropped already)."""
+        task = self._tasks.get(req.task)
+        if req.state != QUEUED or task is None:
+            return False
+        req.state = DROPPED
+        task.queued -= 1
+        self.queued -= 1
+        return True
+
     def requeue(self, req: Request) -> None:
         """Put a taken request back at the head of its task's queue (a preempted sequence that
         will be recomputed); its queue limit does not apply, its deadline still does."""

@@ -168,6 +168,11 @@ class Sessions:
                 entry.errors += 1
             raise
 
+    def cancel(self, entry: TaskEntry, ref: int, now: float) -> None:
+        """Stop the task's streaming request `ref`; its final message goes out now or when the
+        iteration computing it ends (nothing, if it already finished)."""
+        self.deliver(self.engine.cancel(entry, ref), now)
+
     def prepare_update(self, entry: TaskEntry, msg: PrepareUpdate) -> UpdateReady:
         if entry.pending_acks:
             raise FmplexError(ErrorCode.INVALID_INPUT, "the previous commit is not acknowledged "

@@ -14,16 +14,16 @@ from fmplexd.relays import Relays
 from fmplexd.sessions import Sessions
 from ipc import codec, transport
 from ipc.errors import ErrorCode, FmplexError, ProtocolError
-from ipc.messages import (Commit, Error, Heartbeat, Hello, Message, Ok, PrepareUpdate, Register,
-                          Submit, Unregister, Welcome)
+from ipc.messages import (Cancel, Commit, Error, Generate, Heartbeat, Hello, Message, Ok,
+                          PrepareUpdate, Register, Submit, Unregister, Welcome)
 
 log = logging.getLogger("fmplexd.tasks")
-SESSION_REQUESTS = frozenset({Submit})      # the request kinds of every family
+SESSION_REQUESTS = frozenset({Submit, Generate})      # the request kinds of every family
 
 
 class TaskPlane:
-    ACCEPTED = frozenset({Hello, Register, Commit, PrepareUpdate, Unregister, Heartbeat, Ok,
-                          Error}) | SESSION_REQUESTS
+    ACCEPTED = frozenset({Hello, Register, Commit, PrepareUpdate, Unregister, Heartbeat, Cancel,
+                          Ok, Error}) | SESSION_REQUESTS
 
     def __init__(self, sessions: Sessions, relays: Relays, welcome: Callable[[Hello], Welcome],
                  reply: Callable[[bytes, Message], None], stopping: Callable[[], bool],
@@ -63,6 +63,8 @@ class TaskPlane:
         if type(msg) in SESSION_REQUESTS:
             self.sessions.submit(entry, msg, now)
             self.wake()
+        elif isinstance(msg, Cancel):
+            self.sessions.cancel(entry, msg.ref, now)
         elif isinstance(msg, Commit):
             self.sessions.commit(entry, msg)
         elif isinstance(msg, PrepareUpdate):

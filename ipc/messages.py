@@ -31,6 +31,7 @@ TEXT = Str(100_000)
 MAX_SEQUENCES = 1024          # sequences per request
 MAX_SEQ_TOKENS = 8192         # tokens per sequence (the backbone's own limit is usually lower)
 MAX_LABELS = 4096
+MAX_NEW_TOKENS = 1 << 16      # tokens one Generate may ask for
 
 
 class Role(str, enum.Enum):
@@ -81,6 +82,14 @@ class TaskState(str, enum.Enum):
     READY = "ready"          # attached and committed: serving
     DEAD = "dead"            # its process died; being restarted by the supervisor
     STOPPED = "stopped"      # removed or gave up restarting
+
+
+class FinishReason(str, enum.Enum):
+    """Why a generated sequence ended."""
+    STOP = "stop"                # an end-of-sequence / stop token, or a stop string
+    LENGTH = "length"            # max_tokens, or the backbone's context
+    CANCELLED = "cancelled"      # the client cancelled, or went away
+    ERROR = "error"              # the daemon could not continue it (see the error's message)
 
 
 class Op(str, enum.Enum):
@@ -173,6 +182,15 @@ class TargetInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class GenerationInfo:
+    """What a task needs to prompt a decoder backbone (BackboneInfo.generation)."""
+    context: Annotated[int, Int(1)]                          # positions: prompt + completion
+    eos_ids: Annotated[list[int], ListOf(Int(0, (1 << 31) - 1), 64)]
+    bos_id: Annotated[int | None, Optional(Int(0, (1 << 31) - 1))] = None
+    chat_template: Annotated[str, Str(1 << 16)] = ""         # Jinja, as in the model's metadata
+
+
+@dataclass(frozen=True, slots=True)
 class BackboneInfo:
     name: Annotated[str, NAME]
     family: Annotated[Family, Enum(Family)]
@@ -188,6 +206,7 @@ class BackboneInfo:
     max_positions: Annotated[int, Int(0)] = 0     # usable input length (tokens, patches, steps)
     vocab: Annotated[int, Int(0)] = 0             # text families
     tokenizer: Annotated[str, Str(4096)] = ""     # path of tokenizer.json ("" if none)
+    generation: Annotated[GenerationInfo | None, Optional(Struct(GenerationInfo))] = None  # decoders
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +231,19 @@ class RegionInfo:
     name: Annotated[str, Str(128, 1)]
     kind: Annotated[str, Str(32, 1)]              # "backbone" or "slot"
     bytes: Annotated[int, U64]
+
+
+@dataclass(frozen=True, slots=True)
+class BackboneStats:
+    """A hosted backbone's load (InfoReply): its batches and, for decoders, its KV pool."""
+    name: Annotated[str, NAME]
+    batches: Annotated[int, Int(0)] = 0                 # batches / iterations run so far
+    tokens_per_s: Annotated[float, Float(0)] = 0.0      # measured throughput (rows per second)
+    kv_blocks_total: Annotated[int, Int(0)] = 0
+    kv_blocks_used: Annotated[int, Int(0)] = 0
+    kv_block_tokens: Annotated[int, Int(0)] = 0
+    sequences: Annotated[int, Int(0)] = 0               # generating now
+    preemptions: Annotated[int, Int(0)] = 0             # sequences preempted so far
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,6 +375,47 @@ class Result(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Generate(Message):
+    """Task -> daemon: generate a completion of `prompt` (token ids) on a decoder backbone. Answered
+    by a stream of Tokens (the last one has `finish`), or an Error before the first Tokens."""
+    TYPE: ClassVar[str] = "generate"
+    epoch: Annotated[int, EPOCH]
+    ref: Annotated[int, REF]
+    prompt: Annotated[np.ndarray, Tensor(("int32",), ndim=1)]
+    max_tokens: Annotated[int, Int(1, MAX_NEW_TOKENS)]
+    temperature: Annotated[float, Float(0.0, 100.0)] = 0.0    # 0 = greedy
+    top_p: Annotated[float, Float(0.0, 1.0)] = 1.0            # nucleus; must be > 0
+    top_k: Annotated[int, Int(0, 1 << 20)] = 0                # 0 = all tokens
+    seed: Annotated[int | None, Optional(U64)] = None         # a seeded request repeats exactly
+    stop_ids: Annotated[list[int], ListOf(Int(0, (1 << 31) - 1), 64)] = field(default_factory=list)
+    ignore_eos: Annotated[bool, Bool()] = False               # run to max_tokens (benchmarks)
+    deadline_ms: Annotated[int, Int(0, 3_600_000)] = 0        # to start; 0 = the task's default
+
+
+@dataclass(frozen=True, slots=True)
+class Tokens(Message):
+    """Daemon -> task: the tokens a sequence gained since the last Tokens (one per iteration); the
+    last message of a sequence carries `finish` and the final counts."""
+    TYPE: ClassVar[str] = "tokens"
+    epoch: Annotated[int, EPOCH]
+    ref: Annotated[int, REF]
+    ids: Annotated[list[int], ListOf(Int(0, (1 << 31) - 1), MAX_NEW_TOKENS)]
+    finish: Annotated[FinishReason | None, Optional(Enum(FinishReason))] = None
+    prompt_tokens: Annotated[int, Int(0)] = 0
+    completion_tokens: Annotated[int, Int(0)] = 0
+    version: Annotated[int, Int(0)] = 0                       # extension version generating it
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel(Message):
+    """Task -> daemon: stop generating `ref` and free its KV blocks now (answered by its final
+    Tokens, finish = cancelled, unless it already finished)."""
+    TYPE: ClassVar[str] = "cancel"
+    epoch: Annotated[int, EPOCH]
+    ref: Annotated[int, REF]
+
+
+@dataclass(frozen=True, slots=True)
 class PrepareUpdate(Message):
     TYPE: ClassVar[str] = "prepare_update"
     epoch: Annotated[int, EPOCH]
@@ -412,6 +485,8 @@ class InfoReply(Message):
     run_dir: Annotated[str, Str(4096)]
     backbones: Annotated[list[BackboneInfo], ListOf(Struct(BackboneInfo), 64)]
     regions: Annotated[list[RegionInfo], ListOf(Struct(RegionInfo), 100_000)]
+    load: Annotated[list[BackboneStats], ListOf(Struct(BackboneStats), 64)] = field(
+        default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -519,6 +594,68 @@ class InferReply(Message):
                       Optional(ListOf(ListOf(Struct(TokenLabel), MAX_SEQ_TOKENS), MAX_SEQUENCES))] = None
 
 
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: Annotated[str, Str(32, 1, r"[a-z_]+")]             # system | user | assistant | tool
+    content: Annotated[str, TEXT]
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateText(Message):
+    """Client -> a text-generation task: a raw `prompt` (tokenized as written; special tokens in it
+    are recognized) or chat `messages` (rendered with the model's chat template). Unset sampling
+    fields take the task's defaults. Answered by TextDelta messages (per token with `stream`, else
+    at most every 0.5 s), then one GenerateReply (or an Error)."""
+    TYPE: ClassVar[str] = "generate_text"
+    ref: Annotated[int, REF]
+    prompt: Annotated[str | None, Optional(TEXT)] = None
+    messages: Annotated[list[ChatMessage] | None, Optional(ListOf(Struct(ChatMessage), 1024, 1))] = None
+    max_tokens: Annotated[int | None, Optional(Int(1, MAX_NEW_TOKENS))] = None
+    temperature: Annotated[float | None, Optional(Float(0.0, 100.0))] = None
+    top_p: Annotated[float | None, Optional(Float(0.0, 1.0))] = None
+    top_k: Annotated[int | None, Optional(Int(0, 1 << 20))] = None
+    seed: Annotated[int | None, Optional(U64)] = None
+    stop: Annotated[list[str] | None, Optional(ListOf(Str(256, 1), 16))] = None
+    stop_token_ids: Annotated[list[int] | None, Optional(ListOf(Int(0, (1 << 31) - 1), 64))] = None
+    stream: Annotated[bool, Bool()] = False
+    ignore_eos: Annotated[bool, Bool()] = False
+    timeout_ms: Annotated[int, Int(0, 3_600_000)] = 0
+    proto: Annotated[int, Int(0, 1 << 16)] = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta(Message):
+    """Task -> client: text (and its token ids) added since the previous delta of request `ref`."""
+    TYPE: ClassVar[str] = "text_delta"
+    ref: Annotated[int, REF]
+    text: Annotated[str, Str(1 << 20)]
+    token_ids: Annotated[list[int], ListOf(Int(0, (1 << 31) - 1), MAX_NEW_TOKENS)]
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateReply(Message):
+    """Task -> client: the final answer to GenerateText. `text` excludes a matched stop string and
+    special tokens; `token_ids` are every generated id (a final end-of-sequence id included)."""
+    TYPE: ClassVar[str] = "generate_reply"
+    ref: Annotated[int, REF]
+    task: Annotated[str, TASK_REF]
+    version: Annotated[int, Int(0)]
+    text: Annotated[str, Str(1 << 22)]
+    token_ids: Annotated[list[int], ListOf(Int(0, (1 << 31) - 1), MAX_NEW_TOKENS)]
+    prompt_tokens: Annotated[int, Int(0)]
+    completion_tokens: Annotated[int, Int(0)]
+    finish_reason: Annotated[FinishReason, Enum(FinishReason)]
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRequest(Message):
+    """Client -> task: cancel this client's request `ref` (answered `ok`, or `error` unknown_task
+    when no such request is in flight); the request itself then ends with finish_reason
+    cancelled."""
+    TYPE: ClassVar[str] = "cancel_request"
+    ref: Annotated[int, REF]
+
+
 # ---------------------------------------------------------------- handle plane (AF_UNIX)
 
 @dataclass(frozen=True, slots=True)
@@ -579,11 +716,11 @@ class ChildExit(Message):
 
 ALL_MESSAGES: tuple[type[Message], ...] = (
     Error, Ok, Hello, Welcome, Heartbeat,
-    Register, Registered, Submit, Result, PrepareUpdate, UpdateReady, Commit, Committed,
-    Unregister, Command,
+    Register, Registered, Submit, Result, Generate, Tokens, Cancel, PrepareUpdate, UpdateReady,
+    Commit, Committed, Unregister, Command,
     Info, InfoReply, ListTasks, TaskList, RemoveTask, Deploy, TaskCommand, Resolve, Endpoint,
     Health, HealthReply,
-    Infer, InferReply,
+    Infer, InferReply, GenerateText, TextDelta, GenerateReply, CancelRequest,
     OpenRegions, RegionsGranted,
     ZygoteReady, Spawn, Spawned, ChildExit,
 )

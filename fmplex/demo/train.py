@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
-from fmplexd.families.encoder.forward import Encoder, ModuleExt, PackedInput
+from fmplexd.families.encoder.forward import Encoder, PackedInput
+from fmplexd.families.extensions import ModuleExt
 from fmplexd.families.encoder.loader import TARGETS, read_config, read_weights
 from kernels.attention import plan_varlen
 from kernels.lora import LoraSegment

@@ -1,6 +1,6 @@
 """Backbone families: each folder supplies a loader, a forward and a runner (see base.py).
 
-    load_backbone(name, path, dtype)    the family is read from the path (config.json's model_type,
+    load_backbone(name, path, dtype, workdir)   the family is read from the path (config.json's model_type,
                                         a .gguf file, ...); "embedded[:KEY]" paths name packaged models
     runner_for(backbone, settings)      the engine's handle on the backbone's executor
 Family modules are imported on first use (they import torch; this package's import does not).
@@ -11,7 +11,7 @@ import importlib
 
 from ipc.messages import Family
 
-MODULES = {Family.TEXT_ENCODER: "fmplexd.families.encoder"}
+MODULES = {Family.TEXT_ENCODER: "fmplexd.families.encoder", Family.DECODER: "fmplexd.families.decoder"}
 
 
 def family_module(family: Family):
@@ -27,11 +27,13 @@ def detect(path: str) -> Family:
                      f"({', '.join(f.value for f in MODULES)})")
 
 
-def load_backbone(name: str, path: str, dtype: str = "float32"):
-    """Load, check and publish a backbone in its sealed region (fmplexd.families.base.Backbone)."""
+def load_backbone(name: str, path: str, dtype: str = "float32", workdir: str | None = None):
+    """Load, check and publish a backbone in its sealed region (fmplexd.families.base.Backbone).
+    `workdir`: a directory for files derived from the weights (e.g. a GGUF's tokenizer.json) that
+    task processes read."""
     from fmplexd.families.embedded import resolve
     path = resolve(path)
-    return family_module(detect(path)).load(name, path, dtype)
+    return family_module(detect(path)).load(name, path, dtype, workdir)
 
 
 def runner_for(backbone, settings):

@@ -2,7 +2,7 @@
 
 A family (fmplexd/families/<family>/) supplies:
     detect(path) -> bool              whether a path holds a backbone of this family
-    load(name, path, dtype) -> Backbone
+    load(name, path, dtype, workdir) -> Backbone
                                       weights read from the formats users hold, checked, published
                                       in one sealed read-only region (`publish`); its BackboneInfo
                                       names the targets (linear layers) an extension may touch
@@ -17,6 +17,8 @@ family's types.
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Protocol
 
@@ -45,6 +47,30 @@ class Backbone:
     region: MappedRegion
     weights: dict[str, torch.Tensor]
     info: BackboneInfo
+
+
+def hf_model_type(path: str) -> str | None:
+    """The model_type of a Hugging Face directory's config.json (None if there is none)."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            value = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def check_shapes(path: str, tensors: dict[str, torch.Tensor], want: dict[str, tuple[int, ...]]
+                 ) -> dict[str, torch.Tensor]:
+    """The tensors `want` names, each of the shape it gives (ValueError naming the first that is
+    missing or of another shape); other tensors are left out."""
+    missing = sorted(set(want) - set(tensors))
+    if missing:
+        raise ValueError(f"{path}: missing weights {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    for key, shape in want.items():
+        if tuple(tensors[key].shape) != shape:
+            raise ValueError(f"{path}: {key} has shape {tuple(tensors[key].shape)}, config "
+                             f"implies {shape}")
+    return {k: tensors[k] for k in want}
 
 
 def publish(name: str, tensors: dict[str, torch.Tensor], dtype: str
@@ -116,6 +142,9 @@ class Runner(Protocol):
     def release(self, work: Work) -> None: ...
     def warm_up(self) -> None: ...
     def busy(self) -> bool: ...        # has work of its own beyond the scheduler's queues
+    def forget(self, session: int) -> list: ...      # the session ended: drop its work
+    def kv_stats(self) -> dict: ...                  # BackboneStats fields (KV pool, sequences)
+    def cancel(self, scheduler: Scheduler, session: int, ref: int) -> list[Delivery]: ...
 
 
 class Pacer:

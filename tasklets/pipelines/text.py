@@ -50,7 +50,7 @@ class TextPipeline:
     def output(self):
         return self.spec.pipeline.output
 
-    async def serve(self, msg: Infer, call, send, deadline_ms: int) -> InferReply:
+    async def serve(self, msg: Infer, call, client, deadline_ms: int) -> InferReply:
         enc = self.encode(msg.texts, msg.pairs)
         result: Result = await call.request(Submit, output=self.output, lengths=enc.lengths,
                                             ids=enc.ids, deadline_ms=deadline_ms)

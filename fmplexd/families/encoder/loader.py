@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file
 
-from fmplexd.families.base import Backbone, publish
+from fmplexd.families.base import Backbone, check_shapes, hf_model_type, publish
 from ipc.messages import BackboneInfo, Family, TargetInfo
 
 MODEL_TYPES = {"bert", "roberta", "xlm-roberta"}
@@ -51,11 +51,7 @@ class EncoderConfig:
 
 def is_encoder_dir(path: str) -> bool:
     """A directory whose config.json names a supported encoder model_type."""
-    try:
-        with open(os.path.join(path, "config.json")) as f:
-            return json.load(f).get("model_type") in MODEL_TYPES
-    except (OSError, ValueError, AttributeError):
-        return False
+    return hf_model_type(path) in MODEL_TYPES
 
 
 def read_config(path: str) -> EncoderConfig:
@@ -121,18 +117,12 @@ def targets(cfg: EncoderConfig) -> list[TargetInfo]:
                        out_features=dims.get(n, (h, h))[1]) for n, p in TARGETS.items()]
 
 
-def load(name: str, path: str, dtype: str = "float32") -> Backbone:
-    """Read, check, publish in a sealed region and map it back read-only."""
+def load(name: str, path: str, dtype: str = "float32", workdir: str | None = None) -> Backbone:
+    """Read, check, publish in a sealed region and map it back read-only (`workdir` unused: an
+    encoder directory already holds its tokenizer.json)."""
     cfg = read_config(path)
-    raw = read_weights(path)
-    want = expected_shapes(cfg)
-    missing = sorted(set(want) - set(raw))
-    if missing:
-        raise ValueError(f"{path}: missing weights {missing[:5]}{'...' if len(missing) > 5 else ''}")
-    for key, shape in want.items():
-        if tuple(raw[key].shape) != shape:
-            raise ValueError(f"{path}: {key} has shape {tuple(raw[key].shape)}, config implies {shape}")
-    fd, manifest, region, weights = publish(name, {k: raw[k] for k in want}, dtype)
+    raw = check_shapes(path, read_weights(path), expected_shapes(cfg))
+    fd, manifest, region, weights = publish(name, raw, dtype)
     tokenizer = os.path.join(path, "tokenizer.json")
     info = BackboneInfo(
         name=name, family=Family.TEXT_ENCODER, model_type=cfg.model_type, hidden=cfg.hidden,

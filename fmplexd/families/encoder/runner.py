@@ -44,6 +44,15 @@ class EncoderRunner:
     def busy(self) -> bool:
         return False                   # all its work waits in the scheduler
 
+    def kv_stats(self) -> dict:
+        return {}                      # no KV: one forward per request
+
+    def forget(self, session: int) -> list:
+        return []                      # nothing of a session outlives its queue
+
+    def cancel(self, scheduler: Scheduler, session: int, ref: int) -> list[Delivery]:
+        return []                      # one forward per request: nothing to cancel mid-way
+
     def admit(self, task: TaskRef, msg: Submit, now: float, deadline: float) -> Request:
         """Validate a Submit against the backbone and the task's extension; the scheduler request
         costs its tokens (virtual prompt rows included). Raises FmplexError."""
