@@ -1,6 +1,7 @@
-"""`fmplex demo --quick` end to end as a subprocess: trains the two adapters, starts fmplexd on the
-embedded all-MiniLM-L6-v2, deploys four supervised tasks, drives concurrent clients, checks obvious
-inputs and shuts down cleanly. About 40-90 s here, so it stays in the regular suite."""
+"""`fmplex demo --quick` end to end as a subprocess: trains the three adapters, starts fmplexd on the
+embedded all-MiniLM-L6-v2 and SmolLM2-135M-Instruct, deploys six supervised tasks, drives concurrent
+clients, streams a generated answer, checks obvious inputs (and that the pirate LoRA changes the
+answers) and shuts down cleanly. About 1-2 min here, so it stays in the regular suite."""
 import os
 import re
 import subprocess
@@ -9,6 +10,7 @@ import sys
 from testkit.launch import REPO
 
 TASKS = ("sentiment", "topic", "embed", "similarity")
+GENERATION = ("assistant", "pirate")
 
 
 def test_demo_quick_runs_end_to_end():
@@ -20,7 +22,7 @@ def test_demo_quick_runs_end_to_end():
     lines = text.splitlines()
     assert lines[-1] == "demo passed"
     assert "fmplexd shut down cleanly (exit 0)" in lines
-    for name in TASKS:
+    for name in TASKS + GENERATION:
         assert f"  deployed {name}: task {name} is serving" in lines
     # The per-task table: a row per task with its request count and latencies.
     head = lines.index(next(line for line in lines if line.startswith("task ") and "p99 ms" in line
@@ -33,12 +35,18 @@ def test_demo_quick_runs_end_to_end():
     oks = [line for line in lines if line.strip().startswith("[ok] sentiment: ")]
     assert len(oks) == 4 and not any("[WRONG]" in line for line in lines)
     assert "  [ok] similarity: paraphrase" in text
-    # The daemon's own view lists the four tasks ready, and the task processes are gone now.
-    view = lines[lines.index("daemon's view (fmplex task list):") + 3:][:len(TASKS)]
-    assert sorted(line.split()[0] for line in view) == sorted(TASKS)
+    # Generation: a streamed answer in the pirate's voice, both tasks side by side, tokens/s.
+    streamed = lines[lines.index("pirate, streamed: 'What is the capital of Italy?'") + 1]
+    assert streamed.strip().startswith("Arr")
+    assert len([line for line in lines if line.startswith("  [ok] ") and "?'" in line]) == 2
+    assert re.search(r"4 concurrent generations of 32 tokens on both tasks: 128 tokens in "
+                     r"[\d.]+s = \d+ output tokens/s", text)
+    # The daemon's own view lists the six tasks ready, and the task processes are gone now.
+    view = lines[lines.index("daemon's view (fmplex task list):") + 3:][:len(TASKS) + 2]
+    assert sorted(line.split()[0] for line in view) == sorted(TASKS + GENERATION)
     assert all(line.split()[1] == "ready" for line in view)
     pids = [int(m) for m in re.findall(r"task process \S+\s+pid\s+(\d+)", text)]
-    assert len(pids) == len(TASKS)
+    assert len(pids) == len(TASKS) + 2
     assert not [p for p in pids if os.path.exists(f"/proc/{p}") and not _zombie(p)]
 
 

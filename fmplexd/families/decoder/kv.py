@@ -19,8 +19,10 @@ class KVPool:
             raise ValueError("the KV pool needs at least one block of at least one slot")
         self.block_size, self.num_blocks = block_size, num_blocks
         slots = num_blocks * block_size
-        self.k = torch.zeros(layers, slots, kv_heads, head_dim, dtype=dtype)
-        self.v = torch.zeros(layers, slots, kv_heads, head_dim, dtype=dtype)
+        # Uninitialised: a slot is always written before any attention reads it (padding reads a
+        # written slot), and untouched pages cost no memory until the pool fills.
+        self.k = torch.empty(layers, slots, kv_heads, head_dim, dtype=dtype)
+        self.v = torch.empty(layers, slots, kv_heads, head_dim, dtype=dtype)
         self._free = list(range(num_blocks - 1, -1, -1))       # a stack: pop() gives low ids
 
     @classmethod
