@@ -242,6 +242,7 @@ class BackboneStats:
     kv_blocks_total: Annotated[int, Int(0)] = 0
     kv_blocks_used: Annotated[int, Int(0)] = 0
     kv_block_tokens: Annotated[int, Int(0)] = 0
+    kv_tokens: Annotated[int, Int(0)] = 0               # tokens whose K/V the used blocks hold
     sequences: Annotated[int, Int(0)] = 0               # generating now
     preemptions: Annotated[int, Int(0)] = 0             # sequences preempted so far
 

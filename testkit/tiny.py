@@ -122,6 +122,46 @@ def write_tiny_llama(out: str, hidden: int = 32, layers: int = 2, heads: int = 4
     return out
 
 
+LLAMA_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def write_random_llama_lora(path: str, config_dir_or_dict, rank: int, seed: int,
+                            modules=LLAMA_TARGETS, alpha: float | None = None,
+                            std_b: float = 0.01) -> str:
+    """A random LoRA for a Llama model in PEFT's on-disk format, on `modules` of every layer
+    (A ~ N(0, 1/in), B ~ N(0, std_b): a non-zero adapter of modest effect)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+    cfg = config_dir_or_dict
+    if isinstance(cfg, str):
+        with open(os.path.join(cfg, "config.json")) as f:
+            cfg = json.load(f)
+    h, i = cfg["hidden_size"], cfg["intermediate_size"]
+    heads = cfg["num_attention_heads"]
+    d = cfg.get("head_dim") or h // heads
+    kv = cfg.get("num_key_value_heads") or heads
+    dims = {"self_attn.q_proj": (h, heads * d), "self_attn.k_proj": (h, kv * d),
+            "self_attn.v_proj": (h, kv * d), "self_attn.o_proj": (heads * d, h),
+            "mlp.gate_proj": (h, i), "mlp.up_proj": (h, i), "mlp.down_proj": (i, h)}
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for layer in range(cfg["num_hidden_layers"]):
+        for m in modules:
+            fan_in, fan_out = dims[m]
+            key = f"base_model.model.model.layers.{layer}.{m}"
+            tensors[f"{key}.lora_A.weight"] = rng.normal(0, fan_in ** -0.5, (rank, fan_in)
+                                                         ).astype(np.float32)
+            tensors[f"{key}.lora_B.weight"] = rng.normal(0, std_b, (fan_out, rank)).astype(np.float32)
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank,
+                   "lora_alpha": alpha if alpha is not None else 2.0 * rank, "bias": "none",
+                   "target_modules": [m.split(".")[-1] for m in modules]}, f)
+    return path
+
+
 def write_random_head(path: str, labels: int, hidden: int, seed: int) -> str:
     """A random linear head file (weight (labels, hidden), bias (labels,))."""
     import numpy as np

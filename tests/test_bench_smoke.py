@@ -18,6 +18,7 @@ BENCHES = {
     "chaos": ("chaos.json", {"summary", "tasks", "kills"}),
     "fuzz": ("fuzz.json", {"sockets", "check"}),
     "task_memory": ("task_memory.json", {"levels", "pass"}),
+    "generate": ("generate.json", {"tasks", "lora_overhead", "fairness", "llamacpp", "goals"}),
 }
 
 
@@ -55,5 +56,11 @@ def test_quick_run_writes_json_and_prints_a_table_last(name, tmp_path):
         s = data["summary"]
         assert s["kills"] > 0 and s["lost"] == s["hung"] == s["wrong"] == 0 and \
             s["daemon_exit"] == 0, s
+    if name == "generate":                                   # every system answered everything
+        for t in data["tasks"].values():
+            assert set(t["systems"]) == {"fmplex", "static", "co-located"}
+            for s in t["systems"].values():
+                assert s["saturation"]["failed"] == 0 and s["saturation"]["output_tokens"] > 0
+                assert all(ld["failed"] == 0 for ld in s["loads"].values())
     if name == "fuzz":
         assert data["check"]["passed"], data["check"]["why"]

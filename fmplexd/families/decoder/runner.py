@@ -255,7 +255,8 @@ class DecoderRunner:
 
     def kv_stats(self) -> dict:
         return {"kv_blocks_total": self.pool.num_blocks, "kv_blocks_used": self.pool.used_blocks,
-                "kv_block_tokens": self.pool.block_size, "sequences": len(self.running),
+                "kv_block_tokens": self.pool.block_size,
+                "kv_tokens": sum(s.computed for s in self.running), "sequences": len(self.running),
                 "preemptions": self.preemptions}
 
     # -- internals ------------------------------------------------------------------------------
