@@ -4,10 +4,8 @@ token timed by a logits processor). Every process gets one torch thread."""
 from __future__ import annotations
 
 import multiprocessing as mp
-import threading
-import time
 
-from bench.genbench.hf_static import load_model
+from bench.genbench.hf_common import drive, load_model, step_timer
 from bench.genbench.records import Record
 from bench.genbench.workload import GenRequest
 
@@ -16,27 +14,19 @@ def _server(backbone_dir, gguf_file, adapter, inbox, outbox) -> None:
     import os
     os.environ["HF_HUB_OFFLINE"] = "1"
     import torch
-    from transformers import LogitsProcessor, LogitsProcessorList
+    from transformers import LogitsProcessorList
     torch.set_num_threads(1)
     model = load_model(backbone_dir, gguf_file)
     if adapter is not None:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()
-
-    class Steps(LogitsProcessor):
-        def __init__(self):
-            self.times = []
-
-        def __call__(self, input_ids, scores):
-            self.times.append(time.monotonic())
-            return scores
     outbox.put(("ready", os.getpid()))
     while True:
         item = inbox.get()
         if item is None:
             return
         idx, ids, n = item
-        steps = Steps()
+        steps = step_timer()
         with torch.no_grad():
             model.generate(input_ids=torch.tensor([list(ids)]), attention_mask=torch.ones(1, len(ids),
                                                                                           dtype=torch.long),
@@ -65,21 +55,8 @@ class Colocated:
         return self
 
     def run(self, requests: list[GenRequest]) -> tuple[list[Record], float]:
-        records = [Record(r.task, 0.0, prompt_tokens=len(r.ids)) for r in requests]
-        t0 = time.monotonic()
-
-        def feed():
-            for i, r in enumerate(requests):
-                time.sleep(max(0.0, t0 + r.t - time.monotonic()))
-                records[i].sent = time.monotonic()
-                self.inboxes[r.task].put((i, r.ids, r.max_tokens))
-        feeder = threading.Thread(target=feed, daemon=True)
-        feeder.start()
-        for _ in requests:
-            kind, (i, first, end, n) = self.outbox.get(timeout=3600)
-            records[i].first, records[i].end, records[i].tokens = first, end, n
-        feeder.join()
-        return records, time.monotonic() - t0
+        return drive(requests, lambda i, r: self.inboxes[r.task].put((i, r.ids, r.max_tokens)),
+                     self.outbox)
 
     def close(self) -> None:
         for q in self.inboxes:

@@ -7,19 +7,11 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import queue
-import threading
 import time
 
+from bench.genbench.hf_common import drive, load_model, step_timer
 from bench.genbench.records import Record
 from bench.genbench.workload import GenRequest
-
-
-def load_model(backbone_dir: str, gguf_file: str | None):
-    import torch
-    import transformers
-    kw = {"gguf_file": gguf_file} if gguf_file else {}
-    return transformers.AutoModelForCausalLM.from_pretrained(backbone_dir, dtype=torch.float32,
-                                                             **kw).eval()
 
 
 def _server(backbone_dir, gguf_file, adapters, threads, batch, inbox, outbox) -> None:
@@ -27,7 +19,7 @@ def _server(backbone_dir, gguf_file, adapters, threads, batch, inbox, outbox) ->
     os.environ["HF_HUB_OFFLINE"] = "1"
     import torch
     from peft import PeftModel
-    from transformers import LogitsProcessor, LogitsProcessorList
+    from transformers import LogitsProcessorList
     torch.set_num_threads(threads)
     model = load_model(backbone_dir, gguf_file)
     names = [f"a{i}" if a else None for i, a in enumerate(adapters)]
@@ -40,14 +32,6 @@ def _server(backbone_dir, gguf_file, adapters, threads, batch, inbox, outbox) ->
         else:
             peft_model.load_adapter(path, adapter_name=name)
     model = (peft_model or model).eval()
-
-    class Steps(LogitsProcessor):
-        def __init__(self):
-            self.times = []
-
-        def __call__(self, input_ids, scores):
-            self.times.append(time.monotonic())
-            return scores
     outbox.put(("ready", None))
     while True:
         first = inbox.get()
@@ -66,7 +50,7 @@ def _server(backbone_dir, gguf_file, adapters, threads, batch, inbox, outbox) ->
         width = max(len(r[1]) for r in reqs)
         ids = torch.tensor([[0] * (width - len(r[1])) + list(r[1]) for r in reqs])
         mask = torch.tensor([[0] * (width - len(r[1])) + [1] * len(r[1]) for r in reqs])
-        steps = Steps()
+        steps = step_timer()
         kw = {}
         if peft_model is not None:
             kw["adapter_names"] = [names[r[3]] or "__base__" for r in reqs]
@@ -97,21 +81,8 @@ class HfStatic:
         return self
 
     def run(self, requests: list[GenRequest]) -> tuple[list[Record], float]:
-        records = [Record(r.task, 0.0, prompt_tokens=len(r.ids)) for r in requests]
-        t0 = time.monotonic()
-
-        def feed():
-            for i, r in enumerate(requests):
-                time.sleep(max(0.0, t0 + r.t - time.monotonic()))
-                records[i].sent = time.monotonic()
-                self.inbox.put((i, r.ids, r.max_tokens, r.task))
-        feeder = threading.Thread(target=feed, daemon=True)
-        feeder.start()
-        for _ in requests:
-            kind, (i, first, end, n) = self.outbox.get(timeout=3600)
-            records[i].first, records[i].end, records[i].tokens = first, end, n
-        feeder.join()
-        return records, time.monotonic() - t0
+        return drive(requests, lambda i, r: self.inbox.put((i, r.ids, r.max_tokens, r.task)),
+                     self.outbox)
 
     def close(self) -> None:
         if self.proc.is_alive():
