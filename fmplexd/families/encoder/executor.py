@@ -17,13 +17,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from fmplexd.families.encoder.forward import Encoder, ModuleExt, PackedInput
+from fmplexd.families.encoder.forward import Encoder, PackedInput
+from fmplexd.families.extensions import module_extensions
 from fmplexd.slots import ExtensionView
 from ipc.messages import Output, Pooling
 from kernels.attention import plan_varlen
 from kernels.heads import segmented_head
-from kernels.lora import LoraSegment
-from kernels.scaling import ScaleSegment
 
 _ORDER = {Output.POOLED: 0, Output.LOGITS: 1, Output.TOKENS: 2, Output.TOKEN_LOGITS: 3}
 
@@ -103,7 +102,7 @@ class Executor:
             plan=plan_varlen(seq_start.tolist(), seq_len.tolist()))
         if is_virtual.any():
             self._place_prompts(packed, task_rows, pos, is_virtual)
-        packed.ext = _module_extensions(task_rows)
+        packed.ext = module_extensions(task_rows)
         lay = _Layout(order, seq_start, seq_len, item_seqs, item_tokens, task_rows)
         return lay, packed, torch.from_numpy(is_virtual)
 
@@ -179,14 +178,3 @@ class Executor:
                     a, b = ranges[k]
                     out[k] = res[a - s:b - s]
         return out
-
-
-def _module_extensions(task_rows) -> dict:
-    ext: dict = {}
-    for view, s, e in task_rows:
-        for layer, module, A, B, scale in view.lora:
-            ext.setdefault((layer, module), ModuleExt()).lora.append(LoraSegment(s, e, A, B, scale))
-        for layer, module, vec, feedforward in view.ia3:
-            m = ext.setdefault((layer, module), ModuleExt())
-            (m.scale_in if feedforward else m.scale_out).append(ScaleSegment(s, e, vec))
-    return ext

@@ -15,20 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from fmplexd.families.encoder.loader import TARGETS, EncoderConfig
+from fmplexd.families.extensions import ModuleExt, extended_linear
 from kernels.attention import VarlenPlan, varlen_attention
-from kernels.lora import LoraSegment, segmented_lora
-from kernels.scaling import ScaleSegment, segmented_scale, segmented_scale_
 
 ACTIVATIONS = {"gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
                "relu": F.relu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
-
-
-@dataclass(slots=True)
-class ModuleExt:
-    """Everything the tasks of one batch add to one linear layer."""
-    lora: list[LoraSegment] = field(default_factory=list)
-    scale_in: list[ScaleSegment] = field(default_factory=list)
-    scale_out: list[ScaleSegment] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -72,13 +63,8 @@ class Encoder:
         of this layer only, so input scaling may happen in place instead of copying the (T, in)
         tensor."""
         name = f"encoder.layer.{layer}.{TARGETS[target]}"
-        ext = batch.ext.get((layer, target))
-        if ext is None:
-            return F.linear(x, self.w[name + ".weight"], self.w[name + ".bias"])
-        x = (segmented_scale_ if owned else segmented_scale)(x, ext.scale_in)
-        y = F.linear(x, self.w[name + ".weight"], self.w[name + ".bias"])
-        segmented_lora(y, x, ext.lora)
-        return segmented_scale_(y, ext.scale_out)
+        return extended_linear(x, self.w[name + ".weight"], self.w[name + ".bias"],
+                               batch.ext.get((layer, target)), owned)
 
     def layer(self, i: int, x: torch.Tensor, batch: PackedInput) -> torch.Tensor:
         w, cfg = self.w, self.cfg
