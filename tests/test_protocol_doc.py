@@ -149,8 +149,8 @@ def test_hello_gets_welcome_and_version_mismatch(ctx, daemon):
     (bb,) = head["backbones"]
     assert set(bb) == {"name", "family", "model_type", "hidden", "layers", "heads", "intermediate",
                        "vocab", "max_positions", "dtype", "tokenizer", "region_bytes", "checksum",
-                       "targets"}
-    assert bb["family"] == "text-encoder"
+                       "targets", "image", "series"}
+    assert bb["family"] == "text-encoder" and bb["image"] is None and bb["series"] is None
     assert {t["name"]: (t["path"], t["in_features"], t["out_features"]) for t in bb["targets"]}[
         "ffn_in"] == ("intermediate.dense", 32, 64)
     assert (bb["name"], bb["model_type"], bb["hidden"], bb["layers"]) == ("default", "bert", 32, 2)
