@@ -34,6 +34,7 @@ class Engine:
         self.runners: dict[str, Runner] = {name: runner_for(bb, settings)
                                            for name, bb in backbones.items()}
         self._prices: dict[str, float] = {}
+        self._device_s: dict[int, float] = {}      # session -> forward time of its requests
 
     # -- backbones ------------------------------------------------------------------------------
 
@@ -63,14 +64,17 @@ class Engine:
 
     def remove_task(self, session: int) -> list[Pending]:
         """Forget a session's task; returns its queued requests (to be answered by the caller)."""
+        self._device_s.pop(session, None)
         if session not in self.scheduler:
             return []
         return [r.payload for r in self.scheduler.remove_task(session) if r.payload is not None]
 
     def task_stats(self, session: int) -> dict:
+        """The scheduler's figures of a session's task and `device_s`: the forward time its
+        requests took (each batch's time split among its requests by their costs)."""
         if session not in self.scheduler:
-            return {"queued": 0, "served_tokens": 0, "overloaded": 0}
-        return self.scheduler.task_stats(session)
+            return {"queued": 0, "served_tokens": 0, "overloaded": 0, "device_s": 0.0}
+        return {**self.scheduler.task_stats(session), "device_s": self._device_s.get(session, 0.0)}
 
     @property
     def queued(self) -> int:
@@ -113,8 +117,16 @@ class Engine:
         failed it) into deliveries."""
         work.runner.release(work)
         deliveries = work.runner.finish(work, outputs, t0, t1)
+        self._account(work, t1 - t0)
         self._reprice()
         return deliveries
+
+    def _account(self, work: Work, seconds: float) -> None:
+        """Split a batch's forward time among its requests' tasks by their costs."""
+        total = sum(r.cost for r in work.batch.requests)
+        for r in work.batch.requests:
+            if total and r.task in self.scheduler:         # (a task removed meanwhile: none)
+                self._device_s[r.task] = self._device_s.get(r.task, 0.0) + seconds * r.cost / total
 
     def _due(self, now: float) -> list[Hashable]:
         """Backbones with work, the one whose least-served task is due first."""
