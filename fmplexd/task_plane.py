@@ -15,10 +15,10 @@ from fmplexd.sessions import Sessions
 from ipc import codec, transport
 from ipc.errors import ErrorCode, FmplexError, ProtocolError
 from ipc.messages import (Commit, Error, Heartbeat, Hello, Message, Ok, PrepareUpdate, Register,
-                          Submit, Unregister, Welcome)
+                          Submit, SubmitImages, SubmitSeries, Unregister, Welcome)
 
 log = logging.getLogger("fmplexd.tasks")
-SESSION_REQUESTS = frozenset({Submit})      # the request kinds of every family
+SESSION_REQUESTS = frozenset({Submit, SubmitImages, SubmitSeries})   # every family's requests
 
 
 class TaskPlane:
