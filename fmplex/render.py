@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from ipc.messages import InferReply, ListTasks, TaskStats
+from ipc.messages import BackboneInfo, InferReply, ListTasks, TaskStats
 
 
 def reply_as_dict(reply: InferReply) -> dict:
@@ -39,6 +39,17 @@ def reply_lines(reply: InferReply, texts: list[str]) -> list[str]:
     for i, text in enumerate(texts):
         mark = " (truncated)" if reply.truncated and reply.truncated[i] else ""
         lines.append(f"{text!r}{mark}: {summary(reply, i, text)}")
+    return lines
+
+
+def backbone_lines(backbones: list[BackboneInfo], tasks: list[TaskStats]) -> list[str]:
+    """`fmplex info`: each backbone with its family, dtype, region size and tasks."""
+    lines = []
+    for b in backbones:
+        names = sorted(t.name for t in tasks if t.backbone == b.name)
+        lines.append(f"backbone {b.name}: {b.family.value} ({b.model_type} {b.layers}x{b.hidden}) "
+                     f"{b.dtype}, {b.region_bytes / 2**20:.1f} MiB, checksum {b.checksum}")
+        lines.append(f"  {len(names)} task(s): {', '.join(names) if names else '-'}")
     return lines
 
 
