@@ -1,6 +1,7 @@
-"""`fmplex demo --quick` end to end as a subprocess: trains the two adapters, starts fmplexd on the
-embedded all-MiniLM-L6-v2, deploys four supervised tasks, drives concurrent clients, checks obvious
-inputs and shuts down cleanly. About 40-90 s here, so it stays in the regular suite."""
+"""`fmplex demo --quick` end to end as a subprocess: trains the adapters and an image head, starts
+fmplexd on three embedded backbones (text, vision, time series), deploys six supervised tasks,
+drives concurrent clients, checks obvious inputs (text, held-out photo crops, a held-out year of
+CO2) and shuts down cleanly. About 40-90 s here, so it stays in the regular suite."""
 import os
 import re
 import subprocess
@@ -8,7 +9,7 @@ import sys
 
 from testkit.launch import REPO
 
-TASKS = ("sentiment", "topic", "embed", "similarity")
+TASKS = ("sentiment", "topic", "embed", "similarity", "scenes", "co2")
 
 
 def test_demo_quick_runs_end_to_end():
@@ -33,6 +34,8 @@ def test_demo_quick_runs_end_to_end():
     oks = [line for line in lines if line.strip().startswith("[ok] sentiment: ")]
     assert len(oks) == 4 and not any("[WRONG]" in line for line in lines)
     assert "  [ok] similarity: paraphrase" in text
+    assert len([line for line in lines if line.startswith("  [ok] scenes: ")]) == 4
+    assert any(line.startswith("  [ok] co2: 52 held-out weeks") for line in lines)
     # The daemon's own view lists the four tasks ready, and the task processes are gone now.
     view = lines[lines.index("daemon's view (fmplex task list):") + 3:][:len(TASKS)]
     assert sorted(line.split()[0] for line in view) == sorted(TASKS)
