@@ -73,7 +73,7 @@ def _image_cls_check(refs, images, reply):
     logits = pooled @ w.T + b
     p = np.exp(logits - logits.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
-    got = np.array([[dict((ls.label, ls.score) for ls in row)[f"c{k}"] for k in range(3)]
+    got = np.array([[{ls.label: ls.score for ls in row}[f"c{k}"] for k in range(3)]
                     for row in reply.labels])
     return float(np.abs(got - p).max())
 

@@ -176,7 +176,7 @@ def adapted(backbone, tmp_path_factory):
 def test_lora_tasks_in_one_batch_equal_peft_on_fracasts_modules(adapted, executor, windows):
     v, full, mask = windows
     items, wants = [], []
-    for name, (view, model) in adapted.items():
+    for view, model in adapted.values():
         with torch.no_grad():
             want = model(full, mask).numpy()
         items.append(WorkItem(view, Output.FORECAST, v))

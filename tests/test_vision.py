@@ -33,10 +33,10 @@ from testkit.tiny import write_tiny_vision  # noqa: E402
 
 TOL = 1e-4
 BACKBONE_OUT = "/backbone/layernorm/Add_1_output_0"      # the Dinov2Model's last_hidden_state
-DINOV2_PROCESSOR = dict(do_resize=True, size={"shortest_edge": 256}, resample=3,
-                        do_center_crop=True, crop_size={"height": 224, "width": 224},
-                        do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-                        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+DINOV2_PROCESSOR = {"do_resize": True, "size": {"shortest_edge": 256}, "resample": 3,
+                    "do_center_crop": True, "crop_size": {"height": 224, "width": 224},
+                    "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                    "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
 
 
 @pytest.fixture(scope="module")

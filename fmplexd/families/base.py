@@ -25,7 +25,7 @@ import torch
 
 from fmplexd.scheduler import Batch, Request, Scheduler
 from ipc.errors import FmplexError
-from ipc.messages import BackboneInfo, Family, Manifest, Message
+from ipc.messages import BackboneInfo, Family, Manifest, Message, TargetInfo
 from ipc.shm import MappedRegion, export_tensors
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -57,6 +57,27 @@ def publish(name: str, tensors: dict[str, torch.Tensor], dtype: str
                                   dtypes={k: dtype for k in arrays})
     region = MappedRegion(fd, manifest.size)
     return fd, manifest, region, {e.name: region.tensor(e) for e in manifest.entries}
+
+
+def publish_checked(name: str, path: str, raw: dict[str, torch.Tensor],
+                    want: dict[str, tuple[int, ...]], dtype: str):
+    """`publish` the tensors `want` names after checking that `raw` has each with that shape
+    (ValueError naming the path, the tensor and both shapes); others in `raw` are left out."""
+    missing = sorted(set(want) - set(raw))
+    if missing:
+        raise ValueError(f"{path}: missing weights {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    for key, shape in want.items():
+        if tuple(raw[key].shape) != shape:
+            raise ValueError(f"{path}: {key} has shape {tuple(raw[key].shape)}, config implies {shape}")
+    return publish(name, {k: raw[k] for k in want}, dtype)
+
+
+def layer_targets(paths: dict[str, str], hidden: int, intermediate: int) -> list[TargetInfo]:
+    """A transformer layer's targets (name -> PEFT path): H -> H, except ffn_in H -> I and
+    ffn_out I -> H."""
+    dims = {"ffn_in": (hidden, intermediate), "ffn_out": (intermediate, hidden)}
+    return [TargetInfo(name=n, path=p, in_features=dims.get(n, (hidden, hidden))[0],
+                       out_features=dims.get(n, (hidden, hidden))[1]) for n, p in paths.items()]
 
 
 def _as_numpy(t: torch.Tensor) -> np.ndarray:

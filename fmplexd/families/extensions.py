@@ -23,7 +23,7 @@ class ModuleExt:
     scale_in: list[ScaleSegment] = field(default_factory=list)
     scale_out: list[ScaleSegment] = field(default_factory=list)
 
-    def scaled(self, rows: int) -> "ModuleExt":
+    def scaled(self, rows: int) -> ModuleExt:
         """The same segments on a tensor with `rows` rows per row of the original (segments over
         series applied at every time step: (B * L, D) rows, rows = L)."""
         def each(segs):

@@ -75,7 +75,7 @@ class ImagePipeline:
                           msg.top_k or self.spec.top_k)
 
     def reply(self, ref: int, task: str, version: int, data: np.ndarray, top_k: int) -> InferReply:
-        common = dict(ref=ref, task=task, version=version, truncated=[False] * len(data))
+        common = {"ref": ref, "task": task, "version": version, "truncated": [False] * len(data)}
         if self.spec.pipeline is Pipeline.IMAGE_CLASSIFICATION:
             return InferReply(labels=labelled(data, self.spec.labels, top_k), **common)
         return InferReply(embeddings=normalize(data), **common)

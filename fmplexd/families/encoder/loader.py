@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file
 
-from fmplexd.families.base import Backbone, publish
+from fmplexd.families.base import Backbone, layer_targets, publish_checked
 from ipc.messages import BackboneInfo, Family, TargetInfo
 
 MODEL_TYPES = {"bert", "roberta", "xlm-roberta"}
@@ -115,24 +115,14 @@ def expected_shapes(cfg: EncoderConfig) -> dict[str, tuple[int, ...]]:
 
 
 def targets(cfg: EncoderConfig) -> list[TargetInfo]:
-    h, i = cfg.hidden, cfg.intermediate
-    dims = {"ffn_in": (h, i), "ffn_out": (i, h)}
-    return [TargetInfo(name=n, path=p, in_features=dims.get(n, (h, h))[0],
-                       out_features=dims.get(n, (h, h))[1]) for n, p in TARGETS.items()]
+    return layer_targets(TARGETS, cfg.hidden, cfg.intermediate)
 
 
 def load(name: str, path: str, dtype: str = "float32") -> Backbone:
     """Read, check, publish in a sealed region and map it back read-only."""
     cfg = read_config(path)
     raw = read_weights(path)
-    want = expected_shapes(cfg)
-    missing = sorted(set(want) - set(raw))
-    if missing:
-        raise ValueError(f"{path}: missing weights {missing[:5]}{'...' if len(missing) > 5 else ''}")
-    for key, shape in want.items():
-        if tuple(raw[key].shape) != shape:
-            raise ValueError(f"{path}: {key} has shape {tuple(raw[key].shape)}, config implies {shape}")
-    fd, manifest, region, weights = publish(name, {k: raw[k] for k in want}, dtype)
+    fd, manifest, region, weights = publish_checked(name, path, raw, expected_shapes(cfg), dtype)
     tokenizer = os.path.join(path, "tokenizer.json")
     info = BackboneInfo(
         name=name, family=Family.TEXT_ENCODER, model_type=cfg.model_type, hidden=cfg.hidden,

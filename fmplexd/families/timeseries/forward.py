@@ -58,7 +58,7 @@ def fill_with_mean(v: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 def periods(x: torch.Tensor, c: FracastConfig) -> torch.Tensor:
     """(B, L) filled series -> (B, K) integer periods, 0 where fewer peaks are significant."""
-    B, L = x.shape
+    L = x.shape[1]
     max_period = max(2, L // 2)
     n_fft = 1 << int(math.ceil(math.log2(max(2, L))))
     X = torch.fft.rfft(x - x.mean(1, keepdim=True), n=n_fft)

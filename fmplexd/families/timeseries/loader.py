@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from safetensors.torch import load_file
 
-from fmplexd.families.base import Backbone, publish
+from fmplexd.families.base import Backbone, publish_checked
 from ipc.messages import BackboneInfo, Family, SeriesInfo, TargetInfo
 
 MIN_OBSERVED = 8            # finite values a series needs (the release's own rule)
@@ -148,13 +148,10 @@ def load(name: str, path: str, dtype: str = "float32", workdir: str | None = Non
     cfg = read_config(path)
     raw = load_file(os.path.join(path, "model.safetensors"))
     want = expected_shapes(cfg)
-    if set(raw) != set(want):
-        raise ValueError(f"{path}: weights differ from the config's: missing "
-                         f"{sorted(set(want) - set(raw))[:5]}, unexpected {sorted(set(raw) - set(want))[:5]}")
-    for key, shape in want.items():
-        if tuple(raw[key].shape) != shape:
-            raise ValueError(f"{path}: {key} has shape {tuple(raw[key].shape)}, config implies {shape}")
-    fd, manifest, region, weights = publish(name, {k: raw[k] for k in want}, dtype)
+    unexpected = sorted(set(raw) - set(want))
+    if unexpected:
+        raise ValueError(f"{path}: weights the config does not have: {unexpected[:5]}")
+    fd, manifest, region, weights = publish_checked(name, path, raw, want, dtype)
     info = BackboneInfo(
         name=name, family=Family.TIME_SERIES, model_type="fracast", hidden=cfg.d,
         layers=1, heads=1, intermediate=cfg.ffn, dtype=dtype, region_bytes=manifest.size,

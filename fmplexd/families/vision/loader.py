@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from fmplexd.families.base import Backbone, publish
+from fmplexd.families.base import Backbone, layer_targets, publish_checked
 from ipc.messages import BackboneInfo, Family, ImageInfo, TargetInfo
 
 MODEL_TYPES = ("dinov2", "vit")
@@ -105,9 +105,11 @@ def image_info(kind: str, size: int, patch: int, p: dict | None) -> ImageInfo:
     published defaults (DINOv2: shortest edge 256, bicubic, center crop 224, ImageNet mean/std;
     ViT: resize to image_size, bilinear, mean = std = 0.5)."""
     if kind == "dinov2":
-        info = dict(size=224, resize=256, resample="bicubic", mean=IMAGENET[0], std=IMAGENET[1])
+        info = {"size": 224, "resize": 256, "resample": "bicubic", "mean": IMAGENET[0],
+                "std": IMAGENET[1]}
     else:
-        info = dict(size=size, resize=0, resample="bilinear", mean=[0.5] * 3, std=[0.5] * 3)
+        info = {"size": size, "resize": 0, "resample": "bilinear", "mean": [0.5] * 3,
+                "std": [0.5] * 3}
     if p:
         shape = p.get("size", {})
         crop = p.get("crop_size", {}) if p.get("do_center_crop", "crop_size" in p) else {}
@@ -198,24 +200,14 @@ def expected_shapes(cfg: VisionConfig) -> dict[str, tuple[int, ...]]:
 
 
 def targets(cfg: VisionConfig) -> list[TargetInfo]:
-    h, i = cfg.hidden, cfg.intermediate
-    dims = {"ffn_in": (h, i), "ffn_out": (i, h)}
-    return [TargetInfo(name=n, path=p, in_features=dims.get(n, (h, h))[0],
-                       out_features=dims.get(n, (h, h))[1]) for n, p in TARGETS.items()]
+    return layer_targets(TARGETS, cfg.hidden, cfg.intermediate)
 
 
 def load(name: str, path: str, dtype: str = "float32", workdir: str | None = None) -> Backbone:
     """Read (extracting from ONNX if need be), check, publish in a sealed region, map back
     (`workdir` unused: nothing derived is written)."""
     cfg, raw = read(path)
-    want = expected_shapes(cfg)
-    missing = sorted(set(want) - set(raw))
-    if missing:
-        raise ValueError(f"{path}: missing weights {missing[:5]}{'...' if len(missing) > 5 else ''}")
-    for key, shape in want.items():
-        if tuple(raw[key].shape) != shape:
-            raise ValueError(f"{path}: {key} has shape {tuple(raw[key].shape)}, config implies {shape}")
-    fd, manifest, region, weights = publish(name, {k: raw[k] for k in want}, dtype)
+    fd, manifest, region, weights = publish_checked(name, path, raw, expected_shapes(cfg), dtype)
     info = BackboneInfo(
         name=name, family=Family.VISION, model_type=cfg.model_type, hidden=cfg.hidden,
         layers=cfg.layers, heads=cfg.heads, intermediate=cfg.intermediate, dtype=dtype,
