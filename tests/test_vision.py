@@ -254,6 +254,18 @@ def test_the_runner_refuses_images_the_backbone_cannot_take(dinov2):
         assert e.value.code is code, (shape, e.value)
 
 
+def test_png_and_jpeg_of_the_same_picture_give_the_same_pixels(dinov2):
+    from io import BytesIO
+
+    from PIL import Image
+    pipe = ImagePipeline(parse_spec('name = "v"\npipeline = "image-embedding"'), dinov2.info)
+    jpeg = sample_images()["flower"]
+    png = BytesIO()
+    Image.open(BytesIO(jpeg)).save(png, "PNG")              # lossless: the decoded JPEG's pixels
+    a, b = pipe.encode([jpeg, png.getvalue()])
+    assert np.array_equal(a, b)
+
+
 def test_undecodable_images_are_refused_by_index(dinov2):
     pipe = ImagePipeline(parse_spec('name = "v"\npipeline = "image-embedding"'), dinov2.info)
     good = sample_images()["flower"]

@@ -74,8 +74,8 @@ SOCKETS = ("control", "tasks", "endpoint", "handles")
 ACCEPTED_TYPES = {
     "control": {"hello", "info", "list_tasks", "register", "remove_task", "deploy", "task_command",
                 "resolve", "health"},
-    "tasks": {"hello", "register", "submit", "commit", "prepare_update", "unregister", "heartbeat",
-              "ok", "error"},
+    "tasks": {"hello", "register", "submit", "submit_images", "submit_series", "commit",
+              "prepare_update", "unregister", "heartbeat", "ok", "error"},
     "endpoint": {"infer"},
     "handles": {"open_regions"},
 }
