@@ -228,8 +228,10 @@ def run_mixed(args) -> int:
     work = short_tmpdir("fmx-mixed-")
     tasks = [write_mixed_task(work, i) for i in range(plan.n_tasks)]
     inputs = Inputs()
-    results: dict = {"command": "python -m bench.serve --workload mixed"
-                     + (" --quick" if args.quick else ""), "plan": dataclasses.asdict(plan),
+    import shlex
+    import sys
+    results: dict = {"command": "python -m bench.serve " + " ".join(map(shlex.quote, sys.argv[1:])),
+                     "plan": dataclasses.asdict(plan),
                      "tasks": [dataclasses.asdict(t) | {"spec_path": None} for t in tasks],
                      "backbones": BACKBONES, "systems": {}}
     log(f"fmplex: one daemon, {len(tasks)} tasks of {len(FAMILIES)} families")
