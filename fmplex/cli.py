@@ -100,7 +100,7 @@ def cmd_top(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from ipc.messages import Health, Info
+    from ipc.messages import Health, Info, ListTasks
     with _client(args) as c:
         if args.command == "health":
             wait_ms = int(args.wait * 1000) if args.task else 0
@@ -109,17 +109,10 @@ def cmd_info(args) -> int:
             print(f"live={h.live} ready={h.ready} {h.detail}")
             return 0 if h.ready else 1
         info = c.control(Info(ref=c.ref()))
+        tasks = c.control(ListTasks(ref=c.ref())).tasks
     print(f"fmplexd {info.version}  epoch {info.epoch:x}  up {info.uptime_s:.0f}s  run dir {info.run_dir}")
-    load = {s.name: s for s in info.load}
-    for b in info.backbones:
-        print(f"backbone {b.name}: {b.family.value} ({b.model_type}) {b.layers}x{b.hidden} "
-              f"{b.dtype}, {b.region_bytes / 2**20:.1f} MiB, checksum {b.checksum}")
-        s = load.get(b.name)
-        if s is not None:
-            kv = (f", KV {s.kv_blocks_used}/{s.kv_blocks_total} blocks of {s.kv_block_tokens} "
-                  f"tokens, {s.sequences} generating, {s.preemptions} preempted"
-                  if s.kv_blocks_total else "")
-            print(f"  {s.batches} batches, {s.tokens_per_s:.0f} tokens/s{kv}")
+    from fmplex.render import backbone_lines
+    print("\n".join(backbone_lines(info.backbones, tasks, info.load)))
     for r in info.regions:
         print(f"  region {r.name:32s} {r.kind:9s} {r.bytes / 2**20:9.2f} MiB")
     return 0

@@ -3,6 +3,8 @@
     with Client() as c:                                   # run dir: FMPLEX_RUN_DIR or the default
         reply = c.infer("sentiment", ["what a great day"])
         reply.labels[0][0].label, reply.labels[0][0].score
+        c.infer_images("scenes", [open("photo.jpg", "rb").read()]).labels     # vision tasks
+        c.infer_series("co2", values, horizon=96).forecast                    # (n, 96, quantiles)
 
     with Client() as c:                                   # a text-generation task
         c.generate("chat", messages=[{"role": "user", "content": "Hi!"}]).text
@@ -28,6 +30,7 @@ import asyncio
 import itertools
 import time
 
+import numpy as np
 import zmq
 import zmq.asyncio
 from zmq.utils.monitor import recv_monitor_message
@@ -37,8 +40,8 @@ from ipc.addresses import RunDir, default_run_dir
 from ipc.errors import (ErrorCode, FmplexError, ProtocolError, RequestTimeout, TaskUnavailable,
                         error_for)
 from ipc.messages import (PROTOCOL_VERSION, CancelRequest, ChatMessage, Endpoint, Error,
-                          GenerateReply, GenerateText, Infer, InferReply, Message, Resolve,
-                          TextDelta)
+                          ForecastReply, GenerateReply, GenerateText, Infer, InferImages,
+                          InferReply, InferSeries, Message, Resolve, TextDelta)
 
 DEFAULT_TIMEOUT_S = 30.0
 WATCHED = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
@@ -153,10 +156,32 @@ class Client:
         """Send every batch at once on the task's connection, then collect the replies in order.
         Raises the first error (typed) after all replies are in or the timeout passes."""
         timeout_s = timeout_s or self.timeout_s
-        link = self._task_link(task)
         msgs = [Infer(ref=self.ref(), texts=list(b), pairs=list(pairs[i]) if pairs else None,
                       top_k=top_k, timeout_ms=int(timeout_s * 1000), proto=PROTOCOL_VERSION)
                 for i, b in enumerate(batches)]
+        return self.calls(task, msgs, timeout_s)
+
+    def infer_images(self, task: str, images: list[bytes], top_k: int = 0,
+                     timeout_s: float | None = None) -> InferReply:
+        """Encoded images (PNG, JPEG, ... file contents) through a vision task."""
+        timeout_s = timeout_s or self.timeout_s
+        return self.calls(task, [InferImages(ref=self.ref(), images=list(images), top_k=top_k,
+                                             timeout_ms=int(timeout_s * 1000),
+                                             proto=PROTOCOL_VERSION)], timeout_s)[0]
+
+    def infer_series(self, task: str, values, horizon: int = 0,
+                     quantiles: list[float] | None = None, top_k: int = 0,
+                     timeout_s: float | None = None) -> ForecastReply | InferReply:
+        """Series (n, T) or one series (T,) through a time-series task (NaN = missing): a
+        ForecastReply from a forecasting task, an InferReply (labels) from a classifier."""
+        timeout_s = timeout_s or self.timeout_s
+        return self.calls(task, [series_request(self.ref(), values, horizon, quantiles, top_k,
+                                                timeout_s)], timeout_s)[0]
+
+    def calls(self, task: str, msgs: list[Message], timeout_s: float) -> list[Message]:
+        """Send requests at once on the task's connection, collect the replies in order. Raises
+        the first error (typed) after all replies are in or the timeout passes."""
+        link = self._task_link(task)
         if not link.wait_connected(min(timeout_s, CONNECT_GRACE_S)):  # (old events: state only)
             raise _unavailable(task)
         for m in msgs:
@@ -310,9 +335,27 @@ class AsyncClient:
     async def infer(self, task: str, texts: list[str], pairs: list[str] | None = None,
                     top_k: int = 0, timeout_s: float | None = None) -> InferReply:
         timeout_s = timeout_s or self.timeout_s
+        return await self.task_call(task, Infer(
+            ref=next(self._refs), texts=list(texts), pairs=list(pairs) if pairs else None,
+            top_k=top_k, timeout_ms=int(timeout_s * 1000), proto=PROTOCOL_VERSION), timeout_s)
+
+    async def infer_images(self, task: str, images: list[bytes], top_k: int = 0,
+                           timeout_s: float | None = None) -> InferReply:
+        timeout_s = timeout_s or self.timeout_s
+        return await self.task_call(task, InferImages(
+            ref=next(self._refs), images=list(images), top_k=top_k,
+            timeout_ms=int(timeout_s * 1000), proto=PROTOCOL_VERSION), timeout_s)
+
+    async def infer_series(self, task: str, values, horizon: int = 0,
+                           quantiles: list[float] | None = None, top_k: int = 0,
+                           timeout_s: float | None = None) -> ForecastReply | InferReply:
+        timeout_s = timeout_s or self.timeout_s
+        return await self.task_call(task, series_request(next(self._refs), values, horizon,
+                                                         quantiles, top_k, timeout_s), timeout_s)
+
+    async def task_call(self, task: str, msg: Message, timeout_s: float) -> Message:
+        """One request to a task's endpoint (resolved on first use); Error replies raise."""
         await self._connected(task, timeout_s)
-        msg = Infer(ref=next(self._refs), texts=list(texts), pairs=list(pairs) if pairs else None,
-                    top_k=top_k, timeout_ms=int(timeout_s * 1000), proto=PROTOCOL_VERSION)
         return await self._call(task, None, msg, timeout_s)
 
     async def generate(self, task: str, prompt: str | None = None, messages=None,
@@ -435,3 +478,12 @@ class AsyncClient:
                         queue.put_nowait(gone)
         finally:
             monitor.close(linger=0)
+
+
+def series_request(ref: int, values, horizon: int, quantiles: list[float] | None, top_k: int,
+                   timeout_s: float) -> InferSeries:
+    """An InferSeries of float32 rows ((T,) becomes one row)."""
+    rows = np.asarray(values, dtype=np.float32)
+    return InferSeries(ref=ref, values=rows[None] if rows.ndim == 1 else rows, horizon=horizon,
+                       quantiles=quantiles, top_k=top_k, timeout_ms=int(timeout_s * 1000),
+                       proto=PROTOCOL_VERSION)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from ipc.messages import InferReply, ListTasks, TaskStats
+from ipc.messages import BackboneInfo, BackboneStats, InferReply, ListTasks, TaskStats
 
 
 def reply_as_dict(reply: InferReply) -> dict:
@@ -39,6 +39,25 @@ def reply_lines(reply: InferReply, texts: list[str]) -> list[str]:
     for i, text in enumerate(texts):
         mark = " (truncated)" if reply.truncated and reply.truncated[i] else ""
         lines.append(f"{text!r}{mark}: {summary(reply, i, text)}")
+    return lines
+
+
+def backbone_lines(backbones: list[BackboneInfo], tasks: list[TaskStats],
+                   load: list[BackboneStats] = ()) -> list[str]:
+    """`fmplex info`: each backbone with its family, dtype, region size and tasks, and its load
+    (batches, throughput; a decoder's KV pool)."""
+    lines, by_name = [], {s.name: s for s in load}
+    for b in backbones:
+        names = sorted(t.name for t in tasks if t.backbone == b.name)
+        lines.append(f"backbone {b.name}: {b.family.value} ({b.model_type} {b.layers}x{b.hidden}) "
+                     f"{b.dtype}, {b.region_bytes / 2**20:.1f} MiB, checksum {b.checksum}")
+        lines.append(f"  {len(names)} task(s): {', '.join(names) if names else '-'}")
+        s = by_name.get(b.name)
+        if s is not None:
+            kv = (f", KV {s.kv_blocks_used}/{s.kv_blocks_total} blocks of {s.kv_block_tokens} "
+                  f"tokens, {s.sequences} generating, {s.preemptions} preempted"
+                  if s.kv_blocks_total else "")
+            lines.append(f"  {s.batches} batches, {s.tokens_per_s:.0f} tokens/s{kv}")
     return lines
 
 

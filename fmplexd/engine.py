@@ -35,6 +35,7 @@ class Engine:
                                            for name, bb in backbones.items()}
         self._prices: dict[str, float] = {}
         self._batches: dict[str, int] = {}
+        self._device_s: dict[int, float] = {}      # session -> forward time of its work
 
     # -- backbones ------------------------------------------------------------------------------
 
@@ -71,6 +72,7 @@ class Engine:
     def remove_task(self, session: int) -> list:
         """Forget a session's task; returns its queued and running requests (each with .msg.ref,
         to be answered by the caller)."""
+        self._device_s.pop(session, None)
         if session not in self.scheduler:
             return []
         group = self.scheduler.task_stats(session)["group"]
@@ -82,9 +84,11 @@ class Engine:
         return self.runners[task.config.backbone].cancel(self.scheduler, task.session, ref)
 
     def task_stats(self, session: int) -> dict:
+        """The scheduler's figures of a session's task and `device_s`: the forward time its
+        requests took (each batch's time split among its requests by their costs)."""
         if session not in self.scheduler:
-            return {"queued": 0, "served_tokens": 0, "overloaded": 0}
-        return self.scheduler.task_stats(session)
+            return {"queued": 0, "served_tokens": 0, "overloaded": 0, "device_s": 0.0}
+        return {**self.scheduler.task_stats(session), "device_s": self._device_s.get(session, 0.0)}
 
     @property
     def queued(self) -> int:
@@ -129,8 +133,16 @@ class Engine:
         deliveries = work.runner.finish(work, outputs, t0, t1)
         group = work.batch.group
         self._batches[group] = self._batches.get(group, 0) + 1
+        self._account(work, t1 - t0)
         self._reprice()
         return deliveries
+
+    def _account(self, work: Work, seconds: float) -> None:
+        """Split a batch's forward time among its tasks by the rows each had in it."""
+        total = sum(rows for _, rows in work.rows)
+        for session, rows in work.rows:
+            if total and session in self.scheduler:         # (a task removed meanwhile: none)
+                self._device_s[session] = self._device_s.get(session, 0.0) + seconds * rows / total
 
     def _due(self, now: float) -> list[Hashable]:
         """Backbones with work, the one whose least-served task is due first."""

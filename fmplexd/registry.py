@@ -56,8 +56,9 @@ class TaskEntry:
     errors: int = 0
     timeouts: int = 0
     restarts: int = 0
-    served_before: int = 0             # served tokens / overloads of earlier sessions
-    overloaded_before: int = 0
+    served_before: int = 0             # served tokens / overloads / device time of earlier
+    overloaded_before: int = 0         # sessions
+    device_before_s: float = 0.0
     latency: LatencyWindow = field(default_factory=LatencyWindow)
     staged: tuple | None = None        # (slot, spec) granted for writing, not yet committed
     pending_acks: list = field(default_factory=list)   # (view being retired, Committed reply)
@@ -66,7 +67,8 @@ class TaskEntry:
     def name(self) -> str:
         return self.config.name
 
-    def stats(self, queued: int, served_tokens: int, overloaded: int, now: float) -> TaskStats:
+    def stats(self, queued: int, served_tokens: int, overloaded: int, now: float,
+              device_s: float = 0.0) -> TaskStats:
         p50, p99 = self.latency.percentiles()
         return TaskStats(
             name=self.name, state=self.state, owner_uid=self.config.owner_uid,
@@ -74,7 +76,8 @@ class TaskEntry:
             requests=self.requests, served_tokens=self.served_before + served_tokens,
             errors=self.errors, timeouts=self.timeouts,
             overloaded=self.overloaded_before + overloaded, p50_ms=p50, p99_ms=p99,
-            rate=self.latency.rate(now), restarts=self.restarts, endpoint=self.endpoint)
+            rate=self.latency.rate(now), restarts=self.restarts, endpoint=self.endpoint,
+            backbone=self.config.backbone, device_ms=(self.device_before_s + device_s) * 1e3)
 
 
 class Registry:

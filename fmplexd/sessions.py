@@ -100,7 +100,8 @@ class Sessions:
         out = []
         for entry in self.registry.by_name.values():
             s = self.engine.task_stats(entry.session)
-            out.append(entry.stats(s["queued"], s["served_tokens"], s["overloaded"], now))
+            out.append(entry.stats(s["queued"], s["served_tokens"], s["overloaded"], now,
+                                   s["device_s"]))
         return out
 
     def regions(self) -> list[RegionInfo]:
@@ -319,6 +320,7 @@ class Sessions:
         stats = self.engine.task_stats(entry.session)
         entry.served_before += stats["served_tokens"]
         entry.overloaded_before += stats["overloaded"]
+        entry.device_before_s += stats["device_s"]
         dropped: list[Pending] = self.engine.remove_task(entry.session)
         if state is not TaskState.DEAD:
             for p in dropped:

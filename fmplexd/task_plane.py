@@ -15,10 +15,11 @@ from fmplexd.sessions import Sessions
 from ipc import codec, transport
 from ipc.errors import ErrorCode, FmplexError, ProtocolError
 from ipc.messages import (Cancel, Commit, Error, Generate, Heartbeat, Hello, Message, Ok,
-                          PrepareUpdate, Register, Submit, Unregister, Welcome)
+                          PrepareUpdate, Register, Submit, SubmitImages, SubmitSeries, Unregister,
+                          Welcome)
 
 log = logging.getLogger("fmplexd.tasks")
-SESSION_REQUESTS = frozenset({Submit, Generate})      # the request kinds of every family
+SESSION_REQUESTS = frozenset({Submit, SubmitImages, SubmitSeries, Generate})   # every family's
 
 
 class TaskPlane:

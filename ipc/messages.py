@@ -46,6 +46,8 @@ class Output(str, enum.Enum):
     LOGITS = "logits"              # (n, labels) head on the pooled embedding
     TOKENS = "tokens"              # (sum len, hidden) per-token hidden states
     TOKEN_LOGITS = "token_logits"  # (sum len, labels) per-token head
+    FORECAST = "forecast"          # (n * horizon, quantiles) time series: the native horizon's
+                                   # quantiles of each series, series-major (see SubmitSeries)
 
 
 class Pooling(str, enum.Enum):
@@ -179,6 +181,34 @@ class TargetInfo:
     path: Annotated[str, Str(128, 1)]             # its module path inside a layer, as PEFT names it
     in_features: Annotated[int, Int(1)]
     out_features: Annotated[int, Int(1)]
+    per_layer: Annotated[bool, Bool()] = True     # False: one module of the whole model, `path`
+                                                  # from its root, addressed as layer 0
+
+
+# ---------------------------------------------------------------- vision and time-series families
+# (structs; their request messages are in the task-plane and client-endpoint sections below)
+
+@dataclass(frozen=True, slots=True)
+class ImageInfo:
+    """How a vision backbone's task pre-processes an image (Pillow + numpy, in the task process):
+    resize the shortest edge to `resize` (0: resize to size x size directly), center-crop
+    `size` x `size`, scale to [0, 1], subtract `mean` and divide by `std` per RGB channel."""
+    size: Annotated[int, Int(1, 4096)]            # pixels of the square the backbone is fed
+    patch: Annotated[int, Int(1, 256)]            # pixels of a patch side
+    resize: Annotated[int, Int(0, 8192)]
+    resample: Annotated[str, Str(16, 1, r"bicubic|bilinear")]
+    mean: Annotated[list[float], ListOf(Float(-10, 10), 3, 3)]
+    std: Annotated[list[float], ListOf(Float(1e-6, 10), 3, 3)]
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesInfo:
+    """What a time-series backbone forecasts: from at most `context` past values (at least
+    `min_observed` finite), `horizon` steps at once, each as the listed quantiles."""
+    context: Annotated[int, Int(1, 1 << 20)]
+    horizon: Annotated[int, Int(1, 1 << 16)]
+    quantiles: Annotated[list[float], ListOf(Float(0, 1), 99, 1)]
+    min_observed: Annotated[int, Int(1)] = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +237,8 @@ class BackboneInfo:
     vocab: Annotated[int, Int(0)] = 0             # text families
     tokenizer: Annotated[str, Str(4096)] = ""     # path of tokenizer.json ("" if none)
     generation: Annotated[GenerationInfo | None, Optional(Struct(GenerationInfo))] = None  # decoders
+    image: Annotated[ImageInfo | None, Optional(Struct(ImageInfo))] = None       # vision
+    series: Annotated[SeriesInfo | None, Optional(Struct(SeriesInfo))] = None    # time series
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +298,9 @@ class TaskStats:
     rate: Annotated[float, Float(0)]              # completed requests per second, recent window
     restarts: Annotated[int, Int(0)] = 0
     endpoint: Annotated[str, Str(512)] = ""
+    backbone: Annotated[str, Str(64)] = ""        # the backbone it runs on
+    device_ms: Annotated[float, Float(0)] = 0.0   # forward time its requests took (each batch's
+                                                  # time split by the requests' costs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,6 +408,39 @@ class Result(Message):
     data: Annotated[np.ndarray, Tensor(("float32", "float16"), ndim=2)]
     queue_ms: Annotated[float, Float(0)] = 0.0
     run_ms: Annotated[float, Float(0)] = 0.0
+
+
+# -- vision and time-series requests (one forward each; answered by a Result)
+
+MAX_IMAGES = 64               # images per request
+MAX_SERIES = 256              # series per request
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitImages(Message):
+    """Pre-processed images (n, 3, H, W) for a vision backbone: H and W multiples of its patch.
+    Result.data: POOLED (n, hidden) (CLS row or mean of the patch rows, per the task's pooling),
+    LOGITS (n, labels), TOKENS (n * (1 + patches), hidden) every image's rows, CLS first."""
+    TYPE: ClassVar[str] = "submit_images"
+    epoch: Annotated[int, EPOCH]
+    ref: Annotated[int, REF]
+    output: Annotated[Output, Enum(Output)]
+    pixels: Annotated[np.ndarray, Tensor(("float32",), ndim=4)]
+    deadline_ms: Annotated[int, Int(0, 3_600_000)] = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitSeries(Message):
+    """Normalised series (n, T) for a time-series backbone, T <= its context, oldest first, NaN
+    where unobserved (the backbone left-pads to its context). Result.data: FORECAST
+    (n * horizon, quantiles) in normalised units, series-major (row i * horizon + t is series i,
+    step t); POOLED (n, hidden) the mean of the observed steps' features; LOGITS (n, labels)."""
+    TYPE: ClassVar[str] = "submit_series"
+    epoch: Annotated[int, EPOCH]
+    ref: Annotated[int, REF]
+    output: Annotated[Output, Enum(Output)]
+    values: Annotated[np.ndarray, Tensor(("float32",), ndim=2)]
+    deadline_ms: Annotated[int, Int(0, 3_600_000)] = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -657,6 +725,54 @@ class CancelRequest(Message):
     ref: Annotated[int, REF]
 
 
+# -- vision and time-series clients (InferImages / InferSeries -> InferReply or ForecastReply)
+
+MAX_IMAGE_BYTES = 16 << 20    # one encoded image
+MAX_HORIZON = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class InferImages(Message):
+    """Encoded images (PNG, JPEG, ... as files hold them) for a vision task; answered by an
+    InferReply (labels or embeddings; truncated all false)."""
+    TYPE: ClassVar[str] = "infer_images"
+    ref: Annotated[int, REF]
+    images: Annotated[list[bytes], ListOf(Bytes(MAX_IMAGE_BYTES), MAX_IMAGES, 1)]
+    top_k: Annotated[int, Int(0, MAX_LABELS)] = 0
+    timeout_ms: Annotated[int, Int(0, 3_600_000)] = 0
+    proto: Annotated[int, Int(0, 1 << 16)] = 0
+
+
+@dataclass(frozen=True, slots=True)
+class InferSeries(Message):
+    """Series (n, T) for a time-series task, oldest first, NaN where missing (pad shorter series
+    on the left with NaN). A forecasting task answers a ForecastReply of `horizon` steps (0 = the
+    backbone's native horizon) and the listed `quantiles` (None = all the backbone's; each must be
+    one of them); a classification task answers an InferReply with labels."""
+    TYPE: ClassVar[str] = "infer_series"
+    ref: Annotated[int, REF]
+    values: Annotated[np.ndarray, Tensor(("float32",), ndim=2)]
+    horizon: Annotated[int, Int(0, MAX_HORIZON)] = 0
+    quantiles: Annotated[list[float] | None, Optional(ListOf(Float(0, 1), 99, 1))] = None
+    top_k: Annotated[int, Int(0, MAX_LABELS)] = 0
+    timeout_ms: Annotated[int, Int(0, 3_600_000)] = 0
+    proto: Annotated[int, Int(0, 1 << 16)] = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ForecastReply(Message):
+    """forecast[i, t, k]: series i, step t + 1 after its last value, quantile quantiles[k], in the
+    series' own units. truncated[i]: series i had more than the backbone's context (its oldest
+    values were not used)."""
+    TYPE: ClassVar[str] = "forecast_reply"
+    ref: Annotated[int, REF]
+    task: Annotated[str, TASK_REF]
+    version: Annotated[int, Int(0)]
+    quantiles: Annotated[list[float], ListOf(Float(0, 1), 99, 1)]
+    forecast: Annotated[np.ndarray, Tensor(("float32",), ndim=3)]
+    truncated: Annotated[list[bool], ListOf(Bool(), MAX_SERIES)]
+
+
 # ---------------------------------------------------------------- handle plane (AF_UNIX)
 
 @dataclass(frozen=True, slots=True)
@@ -722,6 +838,7 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     Info, InfoReply, ListTasks, TaskList, RemoveTask, Deploy, TaskCommand, Resolve, Endpoint,
     Health, HealthReply,
     Infer, InferReply, GenerateText, TextDelta, GenerateReply, CancelRequest,
+    SubmitImages, SubmitSeries, InferImages, InferSeries, ForecastReply,
     OpenRegions, RegionsGranted,
     ZygoteReady, Spawn, Spawned, ChildExit,
 )

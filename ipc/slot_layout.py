@@ -11,7 +11,9 @@ Tensor names and shapes (H = hidden, I = intermediate, r = rank, L = labels, D =
     head.weight (L, H), head.bias (L,)                                  linear head
     head.w1 (D, H), head.b1 (D,), head.w2 (L, D), head.b2 (L,)          MLP head
 where (in, out) of a module are its in_features/out_features in the backbone's `targets` (the
-family states them: e.g. a BERT layer's query is (H, H) and its ffn_in (H, I)).
+family states them: e.g. a BERT layer's query is (H, H) and its ffn_in (H, I)). A target that is
+not per layer (one module of the whole model, e.g. a time-series model's output projection) is
+addressed as layer 0.
 """
 from __future__ import annotations
 
@@ -77,6 +79,9 @@ def tensor_specs(spec: ExtensionSpec, info: BackboneInfo, dtype: str = "float32"
 def _check_target(kind: str, layer: int, module: str, info: BackboneInfo, seen: set) -> None:
     if layer >= info.layers:
         raise _invalid(f"{kind}.{layer}.{module}: the backbone has {info.layers} layers")
+    if layer and not next((t.per_layer for t in info.targets if t.name == module), True):
+        raise _invalid(f"{kind}.{layer}.{module}: {module} is one module of the whole model "
+                       f"(layer 0 only)")
     key = (kind, layer, module)
     if key in seen:
         raise _invalid(f"{kind}.{layer}.{module} is listed twice")

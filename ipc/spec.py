@@ -6,7 +6,9 @@ it lives here, below both. Pure Python (tomllib); no torch.
     name = "sentiment"                   # required; [A-Za-z0-9][A-Za-z0-9_.-]*
     pipeline = "text-classification"     # required: text-embedding | text-classification |
                                          #   token-classification | sentence-similarity |
-                                         #   text-generation (a decoder backbone)
+                                         #   text-generation (a decoder backbone) |
+                                         #   image-classification | image-embedding |
+                                         #   time-series-forecasting | time-series-classification
     backbone = "default"
     owner = "alice"                      # user name or numeric uid; default: the current user
     weight = 1.0                         # fair-share weight
@@ -14,7 +16,9 @@ it lives here, below both. Pure Python (tomllib); no torch.
                                          # task itself accepts at most 2x this many at once
     deadline_ms = 10000                  # default per-request deadline (text-generation: 120000)
     labels = ["negative", "positive"]    # classification pipelines: one per head output
-    pooling = "mean"                     # cls | mean (default: mean)
+    pooling = "mean"                     # cls | mean (default: mean); images: the CLS row or
+                                         #   the mean of the patch rows; series: the last step's
+                                         #   features or the mean over the observed steps
     top_k = 1                            # default labels returned per input
 
     [extension]                          # all optional; paths are relative to this file
@@ -58,21 +62,36 @@ class Pipeline(str, enum.Enum):
     TOKEN_CLASSIFICATION = "token-classification"
     SIMILARITY = "sentence-similarity"
     GENERATION = "text-generation"
+    IMAGE_CLASSIFICATION = "image-classification"
+    IMAGE_EMBEDDING = "image-embedding"
+    FORECASTING = "time-series-forecasting"
+    SERIES_CLASSIFICATION = "time-series-classification"
 
     @property
     def output(self) -> Output:
         return {Pipeline.CLASSIFICATION: Output.LOGITS,
-                Pipeline.TOKEN_CLASSIFICATION: Output.TOKEN_LOGITS}.get(self, Output.POOLED)
+                Pipeline.TOKEN_CLASSIFICATION: Output.TOKEN_LOGITS,
+                Pipeline.IMAGE_CLASSIFICATION: Output.LOGITS,
+                Pipeline.FORECASTING: Output.FORECAST,
+                Pipeline.SERIES_CLASSIFICATION: Output.LOGITS}.get(self, Output.POOLED)
 
     @property
     def family(self) -> Family:
         """The backbone family the pipeline runs on (a backbone of another family is refused)."""
-        return Family.DECODER if self is Pipeline.GENERATION else Family.TEXT_ENCODER
+        return _FAMILIES.get(self, Family.TEXT_ENCODER)
 
     @property
     def head_input(self) -> HeadInput | None:
         return {Pipeline.CLASSIFICATION: HeadInput.POOLED,
-                Pipeline.TOKEN_CLASSIFICATION: HeadInput.TOKENS}.get(self)
+                Pipeline.TOKEN_CLASSIFICATION: HeadInput.TOKENS,
+                Pipeline.IMAGE_CLASSIFICATION: HeadInput.POOLED,
+                Pipeline.SERIES_CLASSIFICATION: HeadInput.POOLED}.get(self)
+
+
+_FAMILIES = {Pipeline.GENERATION: Family.DECODER,
+             Pipeline.IMAGE_CLASSIFICATION: Family.VISION, Pipeline.IMAGE_EMBEDDING: Family.VISION,
+             Pipeline.FORECASTING: Family.TIME_SERIES,
+             Pipeline.SERIES_CLASSIFICATION: Family.TIME_SERIES}
 
 
 @dataclass(frozen=True, slots=True)

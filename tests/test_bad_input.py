@@ -182,8 +182,7 @@ BAD_SPECS = [   # (spec text, the exact message)
     ('name = "bad name!"\npipeline = "text-embedding"',
      "spec field 'name': 'bad name!' must match [A-Za-z0-9][A-Za-z0-9_.\\-]{0,63}"),
     ('name = "t"\npipeline = "translation"',
-     "spec field 'pipeline': 'translation' is not one of ['text-embedding', 'text-classification', "
-     "'token-classification', 'sentence-similarity', 'text-generation']"),
+     f"spec field 'pipeline': 'translation' is not one of {[p.value for p in Pipeline]}"),
     (GOOD + 'weight = "heavy"', "spec field 'weight': must be a number"),
     (GOOD + "weight = 0", "spec field 'weight': 0 outside [0.001, 1000000.0]"),
     (GOOD + "queue_limit = 1.5", "spec field 'queue_limit': must be an integer"),

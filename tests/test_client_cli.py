@@ -232,8 +232,9 @@ def test_cli_task_lifecycle_top_info_health(env):
         assert out.returncode == 0, out.stderr
         lines = out.stdout.splitlines()
         assert lines[0].startswith("fmplexd ") and f"run dir {d.run_dir}" in lines[0]
-        assert lines[1].startswith("backbone default: text-encoder (bert) 2x32 float32")
-        assert "batches" in lines[2] and "tokens/s" in lines[2]
+        assert lines[1].startswith("backbone default: text-encoder (bert 2x32) float32, ")
+        assert lines[2].endswith(" task(s): " + ", ".join(sorted(rows)))   # the tasks on it
+        assert "batches" in lines[3] and "tokens/s" in lines[3]
         assert any(line.split()[:2] == ["region", "backbone:default"] for line in lines)
         assert any(line.split()[:2] == ["region", "slot:cli-task"] for line in lines)
 

@@ -28,6 +28,8 @@ from ipc.messages import (BackboneStats, Cancel, CancelRequest, ChatMessage, Chi
                           RegionsGranted, Register, Registered, RemoveTask, Resolve, Result, Role,
                           SlotEntry, SlotGrant, Submit, TaskCommand, TaskConfig, TaskList,
                           TaskState, TaskStats, TokenLabel, Unregister, UpdateReady, Welcome)
+from ipc.messages import (ForecastReply, ImageInfo, InferImages, InferSeries, SeriesInfo,
+                          SubmitImages, SubmitSeries)
 
 # ---------------------------------------------------------------- comparison
 
@@ -38,7 +40,7 @@ def assert_same(got, want, path="msg"):
         assert isinstance(got, np.ndarray), path
         assert got.dtype == want.dtype, f"{path}: dtype {got.dtype} != {want.dtype}"
         assert got.shape == want.shape, f"{path}: shape {got.shape} != {want.shape}"
-        assert np.array_equal(got, want), path
+        assert np.array_equal(got, want, equal_nan=want.dtype.kind == "f"), path
     elif dataclasses.is_dataclass(want):
         assert type(got) is type(want), f"{path}: {type(got)} != {type(want)}"
         for f in dataclasses.fields(want):
@@ -101,6 +103,17 @@ STATS = TaskStats(name="sentiment@canary", state=TaskState.READY, owner_uid=1000
                   version=7, queued=3, requests=1_000_000, served_tokens=2**40, errors=1, timeouts=2,
                   overloaded=0, p50_ms=1.25, p99_ms=30.0, rate=123.5, restarts=1,
                   endpoint="ipc:///run/fmplex/tenants/1000/sentiment.sock")
+
+VISION = dataclasses.replace(
+    BACKBONE, name="dinov2", family=Family.VISION, model_type="dinov2", vocab=0, tokenizer="",
+    targets=[TargetInfo(name="query", path="attention.q_proj", in_features=384, out_features=384)],
+    image=ImageInfo(size=224, patch=14, resize=256, resample="bicubic", mean=[0.485, 0.456, 0.406],
+                    std=[0.229, 0.224, 0.225]))
+SERIES = dataclasses.replace(
+    BACKBONE, name="fracast", family=Family.TIME_SERIES, model_type="fracast", vocab=0,
+    tokenizer="", targets=[TargetInfo(name="out", path="head.out_proj", in_features=64,
+                                      out_features=9, per_layer=False)],
+    series=SeriesInfo(context=2048, horizon=48, quantiles=[0.1, 0.5, 0.9], min_observed=16))
 
 
 def _ids(n):
@@ -215,6 +228,24 @@ def valid_messages():
         ("spawn-default", Spawn(ref=19, name="t", spec="/s.toml", log="/l.log", env={})),
         ("spawned", Spawned(ref=19, pid=4321)),
         ("child-exit", ChildExit(pid=4321, code=-9)),
+        # -- vision and time-series families
+        ("welcome-vision-series", Welcome(ref=3, proto=2, epoch=1, heartbeat_ms=1,
+                                          backbones=[VISION, SERIES])),
+        ("task-list-families", TaskList(ref=11, tasks=[dataclasses.replace(
+            STATS, backbone="dinov2", device_ms=1234.5)])),
+        ("submit-images", SubmitImages(epoch=1, ref=20, output=Output.LOGITS, deadline_ms=5,
+                                       pixels=rng.standard_normal((2, 3, 28, 14)).astype(np.float32))),
+        ("submit-series", SubmitSeries(epoch=1, ref=21, output=Output.FORECAST, deadline_ms=7,
+                                       values=np.array([[np.nan, 0.0, 0.5, 1.0]], np.float32))),
+        ("infer-images", InferImages(ref=22, images=[b"\x89PNG\r\n", b""], top_k=2, timeout_ms=9,
+                                     proto=2)),
+        ("infer-series", InferSeries(ref=23, values=np.array([[1.0, np.nan, 3.5]], np.float32),
+                                     horizon=96, quantiles=[0.1, 0.5], top_k=1, timeout_ms=9,
+                                     proto=2)),
+        ("infer-series-default", InferSeries(ref=23, values=np.zeros((2, 0), np.float32))),
+        ("forecast-reply", ForecastReply(ref=23, task="co2", version=1, quantiles=[0.1, 0.5],
+                                         forecast=np.ones((1, 96, 2), np.float32),
+                                         truncated=[True])),
     ]
 
 

@@ -1,7 +1,8 @@
-"""`fmplex demo --quick` end to end as a subprocess: trains the three adapters, starts fmplexd on the
-embedded all-MiniLM-L6-v2 and SmolLM2-135M-Instruct, deploys six supervised tasks, drives concurrent
-clients, streams a generated answer, checks obvious inputs (and that the pirate LoRA changes the
-answers) and shuts down cleanly. About 1-2 min here, so it stays in the regular suite."""
+"""`fmplex demo --quick` end to end as a subprocess: trains the adapters and an image head, starts
+fmplexd on four embedded backbones (text encoder, decoder LLM, vision, time series), deploys eight
+supervised tasks, drives concurrent clients, streams a generated answer, checks obvious inputs
+(text, held-out photo crops, a held-out year of CO2, the pirate LoRA changing the answers) and
+shuts down cleanly. About 2 min here, so it stays in the regular suite."""
 import os
 import re
 import subprocess
@@ -9,7 +10,7 @@ import sys
 
 from testkit.launch import REPO
 
-TASKS = ("sentiment", "topic", "embed", "similarity")
+TASKS = ("sentiment", "topic", "embed", "similarity", "scenes", "co2")
 GENERATION = ("assistant", "pirate")
 
 
@@ -35,13 +36,15 @@ def test_demo_quick_runs_end_to_end():
     oks = [line for line in lines if line.strip().startswith("[ok] sentiment: ")]
     assert len(oks) == 4 and not any("[WRONG]" in line for line in lines)
     assert "  [ok] similarity: paraphrase" in text
+    assert len([line for line in lines if line.startswith("  [ok] scenes: ")]) == 4
+    assert any(line.startswith("  [ok] co2: 52 held-out weeks") for line in lines)
     # Generation: a streamed answer in the pirate's voice, both tasks side by side, tokens/s.
     streamed = lines[lines.index("pirate, streamed: 'What is the capital of Italy?'") + 1]
     assert streamed.strip().startswith("Arr")
     assert len([line for line in lines if line.startswith("  [ok] ") and "?'" in line]) == 2
     assert re.search(r"4 concurrent generations of 32 tokens on both tasks: 128 tokens in "
                      r"[\d.]+s = \d+ output tokens/s", text)
-    # The daemon's own view lists the six tasks ready, and the task processes are gone now.
+    # The daemon's own view lists the eight tasks ready, and the task processes are gone now.
     view = lines[lines.index("daemon's view (fmplex task list):") + 3:][:len(TASKS) + 2]
     assert sorted(line.split()[0] for line in view) == sorted(TASKS + GENERATION)
     assert all(line.split()[1] == "ready" for line in view)

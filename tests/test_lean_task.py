@@ -13,6 +13,7 @@ from testkit.tiny import write_random_head as write_head, write_random_lora as w
 
 HIDDEN = 32
 TASK_MODULES = ("tasklets", "tasklets.process", "tasklets.pipelines.text", "tasklets.daemon_link",
+                "tasklets.pipelines.vision", "tasklets.pipelines.series", "fmplex.demo.samples",
                 "tasklets.endpoint", "tasklets.adapters", "tasklets.zygote", "ipc.spec", "ipc.aio",
                 "ipc.zap")
 CLIENT_MODULES = ("fmplex", "fmplex.client", "fmplex.cli", "fmplex.render", "fmplex.local_daemon")

@@ -149,8 +149,9 @@ def test_hello_gets_welcome_and_version_mismatch(ctx, daemon):
     (bb,) = head["backbones"]
     assert set(bb) == {"name", "family", "model_type", "hidden", "layers", "heads", "intermediate",
                        "vocab", "max_positions", "dtype", "tokenizer", "region_bytes", "checksum",
-                       "targets", "generation"}
-    assert bb["family"] == "text-encoder" and bb["generation"] is None     # nil: not a decoder
+                       "targets", "generation", "image", "series"}
+    assert bb["family"] == "text-encoder"
+    assert bb["generation"] is None and bb["image"] is None and bb["series"] is None   # nil
     assert {t["name"]: (t["path"], t["in_features"], t["out_features"]) for t in bb["targets"]}[
         "ffn_in"] == ("intermediate.dense", 32, 64)
     assert (bb["name"], bb["model_type"], bb["hidden"], bb["layers"]) == ("default", "bert", 32, 2)

@@ -63,3 +63,31 @@ def test_fmplex_bench_serve_reaches_the_script():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "--quick" in proc.stdout and "co-located" in proc.stdout
+
+
+def test_mixed_family_quick_run(tmp_path):
+    """`--workload mixed --quick`: one task per family on one daemon vs one process per task;
+    every request answered, latency per family, memory per task, device shares per family near
+    the weights for fmplex, a table last, nothing left running."""
+    before = _children_of(os.getpid())
+    proc = subprocess.run([sys.executable, "-m", "bench.serve", "--workload", "mixed", "--quick",
+                           "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=900, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    with open(tmp_path / "serve-mixed.json") as f:
+        data = json.load(f)
+    families = {"text", "vision", "series"}
+    assert {t["family"] for t in data["tasks"]} == families
+    for name in ("fmplex", "per-task"):
+        system = data["systems"][name]
+        for run in system["runs"]:
+            assert set(run["families"]) == families
+            assert all(v["failed"] == 0 and v["p99_ms"] > 0 for v in run["families"].values())
+        assert system["memory"]["per_task_mib"] > 0
+        assert set(system["fairness"]["families"]) == families
+    shares = data["systems"]["fmplex"]["fairness"]["families"]
+    assert all(0.5 < v["ratio"] < 1.5 for v in shares.values()), shares   # a loose bound: 8 s
+    table = [line for line in proc.stdout.rstrip().splitlines()[-5:]]
+    assert all(t.startswith("|") and t.endswith("|") for t in table), table
+    assert data["processes_left"] == []
+    assert _children_of(os.getpid()) <= before

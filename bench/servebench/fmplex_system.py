@@ -4,7 +4,9 @@ process per task, deployed through the control socket by the daemon's supervisor
 Fmplex has the interface every system has for the load driver (bench/servebench/driver.py):
 `name`, `await open(timeout_s)`, `await infer(task index, text, timeout_s)`, `await close()`, and
 `pids()` (role -> pids, for the PSS measurement); `start()` / `stop()` bracket its life. It also
-deploys and removes tasks (the capacity phase grows it) and describes the daemon's set-up."""
+deploys and removes tasks (the capacity phase grows it) and describes the daemon's set-up. With
+several backbones (the mixed-family workload), `await call(task index, msg, timeout_s)` sends any
+client request."""
 from __future__ import annotations
 
 import asyncio
@@ -19,10 +21,12 @@ class Fmplex:
     """The real fmplexd and its supervised task processes, deployed through the control socket."""
     name = "fmplex"
 
-    def __init__(self, bank: TaskBank, threads: int = 0):
+    def __init__(self, bank: TaskBank | None, threads: int = 0,
+                 backbones: dict[str, str] | str = "embedded", config: str = ""):
         from testkit.launch import DaemonProcess, short_tmpdir
         self.bank = bank
-        self.daemon = DaemonProcess("embedded", workdir=short_tmpdir("fmx-bd-"), threads=threads)
+        self.daemon = DaemonProcess(backbones, config, workdir=short_tmpdir("fmx-bd-"),
+                                    threads=threads)
         self.tasks: list[TaskDef] = []
         self.client = None
         self.threads = threads
@@ -73,6 +77,10 @@ class Fmplex:
 
     async def infer(self, task: int, text: str, timeout_s: float):
         return await self.client.infer(self.tasks[task].name, [text], timeout_s=timeout_s)
+
+    async def call(self, task: int, msg, timeout_s: float):
+        """Any client request to task `task` (by index); its reply."""
+        return await self.client.task_call(self.tasks[task].name, msg, timeout_s)
 
     async def close(self) -> None:
         if self.client is not None:

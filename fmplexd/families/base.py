@@ -27,7 +27,7 @@ import torch
 
 from fmplexd.scheduler import Batch, Request, Scheduler
 from ipc.errors import FmplexError
-from ipc.messages import BackboneInfo, Family, Manifest, Message
+from ipc.messages import BackboneInfo, Family, Manifest, Message, TargetInfo
 from ipc.shm import MappedRegion, export_tensors
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -85,6 +85,20 @@ def publish(name: str, tensors: dict[str, torch.Tensor], dtype: str
     return fd, manifest, region, {e.name: region.tensor(e) for e in manifest.entries}
 
 
+def publish_checked(name: str, path: str, raw: dict[str, torch.Tensor],
+                    want: dict[str, tuple[int, ...]], dtype: str):
+    """`publish` the tensors `want` names after `check_shapes`."""
+    return publish(name, check_shapes(path, raw, want), dtype)
+
+
+def layer_targets(paths: dict[str, str], hidden: int, intermediate: int) -> list[TargetInfo]:
+    """A transformer layer's targets (name -> PEFT path): H -> H, except ffn_in H -> I and
+    ffn_out I -> H."""
+    dims = {"ffn_in": (hidden, intermediate), "ffn_out": (intermediate, hidden)}
+    return [TargetInfo(name=n, path=p, in_features=dims.get(n, (hidden, hidden))[0],
+                       out_features=dims.get(n, (hidden, hidden))[1]) for n, p in paths.items()]
+
+
 def _as_numpy(t: torch.Tensor) -> np.ndarray:
     return t.view(torch.int16).numpy().view("<u2") if t.dtype == torch.bfloat16 else t.numpy()
 
@@ -128,6 +142,7 @@ class Work:
     pendings: list[Pending]
     expired: list[Request] = field(default_factory=list)
     tokens: int = 0
+    rows: list[tuple[int, int]] = field(default_factory=list)   # (session, its rows): device time
 
 
 class Runner(Protocol):

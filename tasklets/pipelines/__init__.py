@@ -5,6 +5,11 @@ post-process), one module per kind of pipeline:
                      (Infer -> Submit -> Result -> InferReply)
     generation.py    text-generation (GenerateText -> Generate -> Tokens... -> TextDelta...,
                      GenerateReply)
+    vision.py        image-classification, image-embedding
+                     (InferImages -> SubmitImages -> Result -> InferReply)
+    series.py        time-series-forecasting, time-series-classification
+                     (InferSeries -> SubmitSeries (per horizon block) -> Result -> ForecastReply
+                     or InferReply)
 
 A pipeline sees the daemon only through a DaemonCall bound to the task's current session, and its
 client only through a ClientChannel (tasklets.endpoint: `send` for messages before the final reply,
@@ -15,7 +20,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from ipc.messages import BackboneInfo, Message
+from ipc.errors import ErrorCode, FmplexError
+from ipc.messages import BackboneInfo, Family, Message
 from ipc.spec import TaskSpec
 
 
@@ -35,15 +41,26 @@ class Pipeline(Protocol):
                     ) -> Message: ...
 
 
-MODULES = ("tasklets.pipelines.text", "tasklets.pipelines.generation")  # the zygote preloads them
+MODULES = ("tasklets.pipelines.text",     # every pipeline module (the zygote preloads them)
+           "tasklets.pipelines.generation", "tasklets.pipelines.vision",
+           "tasklets.pipelines.series")
 
 
 def make_pipeline(spec: TaskSpec, info: BackboneInfo, prompt_tokens: int = 0) -> Pipeline:
     """The pipeline of the spec's kind for backbone `info` (`prompt_tokens`: virtual tokens the
     task's extension puts before each input)."""
-    from ipc.spec import Pipeline as Kind
-    if spec.pipeline is Kind.GENERATION:
+    family = spec.pipeline.family
+    if family is not info.family:
+        raise FmplexError(ErrorCode.INVALID_INPUT, f"a {spec.pipeline.value} task needs a "
+                          f"{family.value} backbone; {info.name} is a {info.family.value} backbone")
+    if family is Family.DECODER:
         from tasklets.pipelines.generation import GenerationPipeline
         return GenerationPipeline(spec, info)
+    if family is Family.VISION:
+        from tasklets.pipelines.vision import ImagePipeline
+        return ImagePipeline(spec, info)
+    if family is Family.TIME_SERIES:
+        from tasklets.pipelines.series import SeriesPipeline
+        return SeriesPipeline(spec, info)
     from tasklets.pipelines.text import TextPipeline
     return TextPipeline(spec, info, prompt_tokens)

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 from ipc.errors import ErrorCode, FmplexError
-from ipc.messages import (MAX_SEQUENCES, BackboneInfo, Infer, InferReply, LabelScore, Result,
-                          Submit, TokenLabel)
+from ipc.messages import (MAX_SEQUENCES, BackboneInfo, Infer, InferReply, Result, Submit,
+                          TokenLabel)
 from ipc.spec import Pipeline, TaskSpec
+from tasklets.pipelines.post import labelled, normalize, softmax
 from tasklets.pipelines.tokenizer_cache import load_tokenizer
 
 
@@ -91,7 +92,7 @@ class TextPipeline:
                               similarity=[float(s) for s in sims])
         if kind is Pipeline.CLASSIFICATION:
             return InferReply(ref=ref, task=task, version=version, truncated=truncated,
-                              labels=[self._top_k(row, top_k) for row in softmax(data)])
+                              labels=labelled(data, self.spec.labels, top_k))
         probs = softmax(data)
         tokens, start = [], 0
         for n, offsets, special in zip(enc.lengths, enc.offsets, enc.special):
@@ -102,18 +103,3 @@ class TextPipeline:
                                       score=float(rows[t, k]))
                            for t, ((a, b), s, k) in enumerate(zip(offsets, special, best)) if not s])
         return InferReply(ref=ref, task=task, version=version, truncated=truncated, tokens=tokens)
-
-    def _top_k(self, probs: np.ndarray, k: int) -> list[LabelScore]:
-        k = min(k, len(probs))
-        idx = np.argsort(-probs, kind="stable")[:k]
-        return [LabelScore(label=self.spec.labels[i], score=float(probs[i])) for i in idx]
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    z = x - x.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def normalize(x: np.ndarray) -> np.ndarray:
-    return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)).astype(np.float32)

@@ -74,9 +74,9 @@ SOCKETS = ("control", "tasks", "endpoint", "handles")
 ACCEPTED_TYPES = {
     "control": {"hello", "info", "list_tasks", "register", "remove_task", "deploy", "task_command",
                 "resolve", "health"},
-    "tasks": {"hello", "register", "submit", "commit", "prepare_update", "unregister", "heartbeat",
-              "ok", "error"},
-    "endpoint": {"infer"},
+    "tasks": {"hello", "register", "submit", "submit_images", "submit_series", "generate",
+              "cancel", "commit", "prepare_update", "unregister", "heartbeat", "ok", "error"},
+    "endpoint": {"infer", "cancel_request"},      # a text task's endpoint (the fuzzed one)
     "handles": {"open_regions"},
 }
 BY_TYPE = {cls.TYPE: cls for cls in ALL_MESSAGES}

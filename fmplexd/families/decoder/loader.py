@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file
 
-from fmplexd.families.base import Backbone, check_shapes, hf_model_type, publish
+from fmplexd.families.base import Backbone, hf_model_type, publish_checked
 from ipc.messages import BackboneInfo, Family, GenerationInfo, TargetInfo
 
 MODEL_TYPES = {"llama"}
@@ -99,9 +99,8 @@ def load(name: str, path: str, dtype: str = "float32", workdir: str | None = Non
     cfg = config_from(raw_cfg)
     if cfg.tied:
         tensors.pop("lm_head.weight", None)
-    checked = check_shapes(path, tensors, expected_shapes(cfg))
-    fd, manifest, region, weights = publish(name, checked, dtype)
-    del checked
+    fd, manifest, region, weights = publish_checked(name, path, tensors, expected_shapes(cfg),
+                                                    dtype)
     del tensors
     dims = target_dims(cfg)
     info = BackboneInfo(

@@ -173,7 +173,8 @@ class DecoderRunner:
         for s, chunk in plan:
             if chunk == 1 and len(s.tokens) - s.computed == 1:
                 scheduler.charge(s.session, DECODE_PRICE)
-        work = Work(self, batch, [], [], batch.expired, sum(c for _, c in plan))
+        work = Work(self, batch, [], [], batch.expired, sum(c for _, c in plan),
+                    [(s.session, c) for s, c in plan])
         if plan:
             plan.sort(key=lambda sc: id(sc[0].view))      # each task's rows contiguous
             work.items = [self._iteration(plan)]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file
 
-from fmplexd.families.base import Backbone, check_shapes, hf_model_type, publish
+from fmplexd.families.base import Backbone, hf_model_type, layer_targets, publish_checked
 from ipc.messages import BackboneInfo, Family, TargetInfo
 
 MODEL_TYPES = {"bert", "roberta", "xlm-roberta"}
@@ -111,18 +111,15 @@ def expected_shapes(cfg: EncoderConfig) -> dict[str, tuple[int, ...]]:
 
 
 def targets(cfg: EncoderConfig) -> list[TargetInfo]:
-    h, i = cfg.hidden, cfg.intermediate
-    dims = {"ffn_in": (h, i), "ffn_out": (i, h)}
-    return [TargetInfo(name=n, path=p, in_features=dims.get(n, (h, h))[0],
-                       out_features=dims.get(n, (h, h))[1]) for n, p in TARGETS.items()]
+    return layer_targets(TARGETS, cfg.hidden, cfg.intermediate)
 
 
 def load(name: str, path: str, dtype: str = "float32", workdir: str | None = None) -> Backbone:
     """Read, check, publish in a sealed region and map it back read-only (`workdir` unused: an
     encoder directory already holds its tokenizer.json)."""
     cfg = read_config(path)
-    raw = check_shapes(path, read_weights(path), expected_shapes(cfg))
-    fd, manifest, region, weights = publish(name, raw, dtype)
+    fd, manifest, region, weights = publish_checked(name, path, read_weights(path),
+                                                    expected_shapes(cfg), dtype)
     tokenizer = os.path.join(path, "tokenizer.json")
     info = BackboneInfo(
         name=name, family=Family.TEXT_ENCODER, model_type=cfg.model_type, hidden=cfg.hidden,
