@@ -1,4 +1,4 @@
-"""Scheduler benchmark: time to form one batch with 1,000 backlogged tasks (goal <= 200 us p50).
+"""Scheduler benchmark: time to form one batch with 1,000 backlogged tasks (goal <= 100 us p50).
 
     python -m bench.scheduler [--quick] [--out DIR] [--profile]
 
@@ -32,7 +32,7 @@ from bench import common
 
 from fmplexd.scheduler import Request, Scheduler
 
-GOAL_US = 200.0
+GOAL_US = 100.0
 TASKS = 1000
 BACKLOG = 4                    # requests queued per task, refilled after each batch
 COST = (16, 64)                # tokens per request

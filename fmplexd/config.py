@@ -8,8 +8,8 @@ backbone. Built once, never rewritten after construction.
     liveness_ms = 800                  # a task unheard of this long is dead
     token_budget = 4096                # tokens per batch, at most
     batch_target_ms = 50               # size batches to take about this long (0 = token_budget)
-    idle_credit_tokens = 0             # tokens a task returning from idle may bank (0 = none, the
-                                       # strict lift rule); see fmplexd.scheduler
+    idle_credit_tokens = 512           # tokens a task returning from idle may bank (bounded idle
+                                       # credit; 0 = the strict lift rule); see fmplexd.scheduler
     max_batch_requests = 256
     kv_pool_mb = 512                   # decoder backbones: KV pool size per backbone
     kv_block_tokens = 16               # token slots per KV block
@@ -54,7 +54,7 @@ class DaemonConfig:
     liveness_ms: int = 800
     token_budget: int = 4096
     batch_target_ms: int = 50
-    idle_credit_tokens: int = 0
+    idle_credit_tokens: int = 512
     max_batch_requests: int = 256
     kv_pool_mb: float = 512.0
     kv_block_tokens: int = 16

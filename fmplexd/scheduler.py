@@ -3,14 +3,13 @@ the caller passes `now`).
 
 Model. Each task i has a weight w_i, a bounded FIFO queue and a virtual time v_i = (tokens served to
 i) / w_i plus lifts. Serving a request of cost c (its tokens) advances v_i by c / w_i. A task that
-becomes backlogged starts at max(v_i, V), where V is the minimum virtual time of the backlogged
-tasks (or, when none is backlogged, F: the largest virtual time a task had when it was served), so
-an idle task banks no credit. This is start-time fair queueing (SFQ, Goyal et al. 1996) with token
-costs, and the default.
-
-Bounded idle credit (`idle_credit` = K tokens > 0, off by default): a task that becomes backlogged
-starts at max(v_i, max(V, F) - K / w_i) instead, so it banks at most K tokens however long it was
-idle (like FQ-CoDel's priority for sparse flows). F is monotonic and V >= F without credit, so
+becomes backlogged starts at max(v_i, max(V, F) - K / w_i), where V is the minimum virtual time of
+the backlogged tasks (or, when none is backlogged, F: the largest virtual time a task had when it
+was served) and K = `idle_credit` tokens: it banks at most K tokens of credit however long it was
+idle, as Linux CFS places a waking task a bounded amount behind min_vruntime (and like FQ-CoDel's
+priority for sparse flows). This bounded idle credit is the default (K = DEFAULT_IDLE_CREDIT, 512
+tokens: measured in bench/fairness_policy.py and bench/fairness.py); K = 0 is the strict rule,
+max(v_i, V), plain start-time fair queueing (SFQ, Goyal et al. 1996) with token costs. F is monotonic and V >= F without credit, so
 credits measured from max(V, F) never chain. A task running below its share (a quiet one) then has
 its next request served ahead of a continuously backlogged neighbour instead of in turn with it.
 
@@ -60,6 +59,7 @@ from ipc.errors import ErrorCode, FmplexError
 QUEUED, TAKEN, EXPIRED, DROPPED = range(4)       # QUEUED must stay 0: hot loops test `state`
 DEADLINE_BUCKETS = 1024                          # deadline buckets per unit of the caller's clock
 COMPACT_SLACK = 4096                             # filed-but-dead requests tolerated before compacting
+DEFAULT_IDLE_CREDIT = 512.0                      # K, tokens (see the module docstring)
 _INF = float("inf")
 _ANY = object()                                  # form_batch: whichever group is due
 
@@ -100,7 +100,8 @@ class _Task:
     queued: int = 0            # live requests in queue (expired ones may still sit in it, lazily)
     in_heap: bool = False
     served_tokens: int = 0
-    served_requests: int = 0
+    submitted: int = 0         # requests queued (and put back) so far; served = the rest of them
+    dropped: int = 0           # cancelled while queued
     expired: int = 0
     overloaded: int = 0
 
@@ -114,7 +115,8 @@ class Batch:
 
 
 class Scheduler:
-    def __init__(self, token_budget: int = 4096, max_requests: int = 256, idle_credit: float = 0.0):
+    def __init__(self, token_budget: int = 4096, max_requests: int = 256,
+                 idle_credit: float = DEFAULT_IDLE_CREDIT):
         if idle_credit < 0:
             raise ValueError("idle_credit must be >= 0")
         self.token_budget, self.max_requests = token_budget, max_requests
@@ -171,7 +173,8 @@ class Scheduler:
     def task_stats(self, key: Hashable) -> dict:
         t = self._tasks[key]
         return {"queued": t.queued, "served_tokens": t.served_tokens,
-                "served_requests": t.served_requests, "expired": t.expired,
+                "served_requests": t.submitted - t.queued - t.expired - t.dropped,
+                "expired": t.expired,
                 "overloaded": t.overloaded, "vtime": t.vtime, "weight": t.weight,
                 "group": t.group.name}
 
@@ -206,6 +209,7 @@ class Scheduler:
             return False
         req.state = DROPPED
         task.queued -= 1
+        task.dropped += 1
         self.queued -= 1
         return True
 
@@ -218,6 +222,7 @@ class Scheduler:
         req.state = QUEUED
         task.queue.appendleft(req)
         task.queued += 1
+        task.submitted += 1
         self.queued += 1
         self._file(req)
         if not task.in_heap:
@@ -233,6 +238,7 @@ class Scheduler:
             raise Overloaded(req.task, task.limit)
         task.queue.append(req)
         task.queued += 1
+        task.submitted += 1
         self.queued += 1
         self._file(req)
         if not task.in_heap:
@@ -338,9 +344,8 @@ class Scheduler:
         vclock, n_taken, n = self._vclock, 0, len(heap)
         replace, pop = heapq.heapreplace, heapq.heappop
         while n_taken < cap and n:
-            top = heap[0]
-            task = top[2]
-            if task.vtime != top[0]:               # charged since it was filed: re-sort it
+            vtime, _, task = heap[0]
+            if task.vtime != vtime:                # charged since it was filed: re-sort it
                 replace(heap, (task.vtime, task.order, task))
                 continue
             queued = task.queued
@@ -350,14 +355,13 @@ class Scheduler:
                 task.in_heap = False
                 continue
             queue = task.queue
-            head = queue[0]
+            head = queue.popleft()
             while head.state:                      # not QUEUED: expired or dropped, left lazily
-                queue.popleft()
-                head = queue[0]
+                head = queue.popleft()
             cost = head.cost
-            if cost > budget and n_taken:
+            if cost > budget and n_taken:          # the batch is full: it is first in the next
+                queue.appendleft(head)
                 break
-            vtime = task.vtime
             if vtime > vclock:
                 vclock = vtime
             if n > 2:                              # the runner-up is a child of the root
@@ -367,33 +371,32 @@ class Scheduler:
             else:
                 next_v = heap[1][0] if n == 2 else _INF
             inv = task.inv_weight
-            queue.popleft()                        # the first request always fits
-            head.state = TAKEN
+            head.state = TAKEN                     # the first request always fits
             take(head)
             budget -= cost
-            tokens, count = cost, 1
+            tokens = cost
             vtime += cost * inv
-            room = cap - n_taken                   # this task's consecutive requests
-            while vtime <= next_v and count < queued and count < room:
-                head = queue[0]
-                while head.state:
-                    queue.popleft()
-                    head = queue[0]
-                cost = head.cost
-                if cost > budget:
-                    break
-                queue.popleft()
-                head.state = TAKEN
-                take(head)
-                budget -= cost
-                tokens += cost
-                count += 1
-                vtime += cost * inv
+            count = 1
+            if vtime <= next_v and queued > 1:     # still the least served: its next requests
+                room = min(queued, cap - n_taken)
+                while vtime <= next_v and count < room:
+                    head = queue.popleft()
+                    while head.state:
+                        head = queue.popleft()
+                    cost = head.cost
+                    if cost > budget:
+                        queue.appendleft(head)
+                        break
+                    head.state = TAKEN
+                    take(head)
+                    budget -= cost
+                    tokens += cost
+                    count += 1
+                    vtime += cost * inv
             n_taken += count
             task.vtime = vtime
-            task.queued = queued = queued - count
             task.served_tokens += tokens
-            task.served_requests += count
+            task.queued = queued = queued - count
             if queued:                             # one sift instead of pop + push
                 replace(heap, (vtime, task.order, task))
             else:

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from fmplexd.scheduler import Batch, Overloaded, Request, Scheduler
+from fmplexd.scheduler import DEFAULT_IDLE_CREDIT, Batch, Overloaded, Request, Scheduler
 
 
 def fill(s: Scheduler, key, n, cost=32, deadline=1e9, now=0.0):
@@ -59,8 +59,8 @@ def test_sfq_bound_holds_after_every_batch():
                 assert gap <= cmax[i] / weights[i] + cmax[j] / weights[j] + 1e-9
 
 
-def test_idle_task_banks_no_credit_lift_rule():
-    s = Scheduler(token_budget=64, max_requests=8)
+def test_idle_task_banks_no_credit_under_the_strict_lift_rule():
+    s = Scheduler(token_budget=64, max_requests=8, idle_credit=0)
     s.add_task("busy", 1.0, 10_000)
     s.add_task("late", 1.0, 10_000)
     fill(s, "busy", 400, cost=32)
@@ -77,8 +77,8 @@ def test_idle_task_banks_no_credit_lift_rule():
     assert abs(share["busy"] - share["late"]) <= 64
 
 
-def test_new_task_starts_at_min_backlogged_virtual_time():
-    s = Scheduler(token_budget=32, max_requests=1)
+def test_new_task_starts_at_min_backlogged_virtual_time_under_the_strict_rule():
+    s = Scheduler(token_budget=32, max_requests=1, idle_credit=0)
     for k in "ab":
         s.add_task(k, 1.0, 100)
     fill(s, "a", 50, cost=32)
@@ -134,6 +134,19 @@ def test_idle_credit_does_not_chain_over_returning_tasks():
         s.add_task(name, 1.0, 100)
         fill(s, name, 1, cost=32)
         assert s.task_stats(name)["vtime"] >= frontier - k - 1e-9, name
+
+
+def test_bounded_idle_credit_is_the_default():
+    """DESIGN.md (amended): a returning task banks DEFAULT_IDLE_CREDIT tokens, no more."""
+    assert Scheduler().idle_credit == DEFAULT_IDLE_CREDIT == 512
+    s = Scheduler(token_budget=32, max_requests=1)
+    s.add_task("busy", 1.0, 10_000)
+    s.add_task("late", 1.0, 10_000)
+    fill(s, "busy", 100, cost=32)
+    for _ in range(60):                   # busy runs alone; late is idle all that time
+        s.form_batch(0.0)
+    fill(s, "late", 1, cost=32)
+    assert s.task_stats("late")["vtime"] == s.task_stats("busy")["vtime"] - 512
 
 
 def test_negative_idle_credit_is_refused():
