@@ -22,6 +22,12 @@ backbone. Built once, never rewritten after construction.
     task_zygote = true                 # fork supervised task processes from a pre-imported zygote
                                        # (shared pages: far less memory per task; they share its
                                        # ASLR layout); false = exec each one afresh
+    task_nice = 10                     # supervised task processes run this much nicer than the
+                                       # daemon (0-19): its forward and I/O come first
+    task_cgroups = "auto"              # a cgroup per supervised task (cpu weight from its weight,
+                                       # memory limit from its spec's memory_mb): auto | v2 | v1 |
+                                       # off; auto = v2 where delegated (systemd Delegate=yes),
+                                       # else v1 where writable, else none (fmplexd.cgroups)
     drain_timeout_s = 10.0             # SIGTERM: time to finish in-flight work
 
     [[backbone]]
@@ -64,6 +70,8 @@ class DaemonConfig:
     trust_root: bool = True
     keep_slot_on_death: bool = False
     task_zygote: bool = True
+    task_nice: int = 10
+    task_cgroups: str = "auto"
     drain_timeout_s: float = 10.0
     backbones: tuple[BackboneConfig, ...] = (BackboneConfig(),)
 
@@ -82,6 +90,10 @@ class DaemonConfig:
             raise ValueError("token_budget and max_batch_requests must be >= 1")
         if self.idle_credit_tokens < 0:
             raise ValueError("idle_credit_tokens must be >= 0")
+        if not 0 <= self.task_nice <= 19:
+            raise ValueError("task_nice must be in 0..19")
+        if self.task_cgroups not in ("auto", "v2", "v1", "off"):
+            raise ValueError("task_cgroups must be auto, v2, v1 or off")
         if self.kv_pool_mb <= 0 or self.kv_block_tokens < 1 or self.max_sequences < 1:
             raise ValueError("need kv_pool_mb > 0, kv_block_tokens >= 1 and max_sequences >= 1")
 

@@ -26,6 +26,7 @@ import zmq
 import zmq.asyncio
 
 from fmplexd.auth import Authority
+from fmplexd.cgroups import TaskCgroups
 from fmplexd.config import DaemonConfig
 from fmplexd.control import ControlApi, DaemonFacts
 from fmplexd.engine import Engine
@@ -88,9 +89,13 @@ class Daemon:
         for addr in (self.run_dir.tasks, self.run_dir.control):
             os.chmod(addr[len("ipc://"):], 0o666)
         self.sessions.attach(lambda identity, msg: transport.send(self.tasks_sock, msg, identity))
+        cgroups = TaskCgroups.detect(self.config.task_cgroups)
+        if cgroups is not None:
+            log.info("task processes get their own cgroups (%s)", cgroups.describe())
         self.supervisor = Supervisor(self.run_dir, self.config.state_dir, self.authority,
                                      self.config.task_zygote,
-                                     [i.tokenizer for i in self.engine.infos() if i.tokenizer])
+                                     [i.tokenizer for i in self.engine.infos() if i.tokenizer],
+                                     self.config.task_nice, cgroups)
         self.sessions.subscribe(self.supervisor)
         relays = Relays(self._reply_control)
         self.task_plane = TaskPlane(self.sessions, relays, self._welcome, self._reply_task,

@@ -90,6 +90,10 @@ class Engine:
             return {"queued": 0, "served_tokens": 0, "overloaded": 0, "device_s": 0.0}
         return {**self.scheduler.task_stats(session), "device_s": self._device_s.get(session, 0.0)}
 
+    def room(self, session: int) -> int:
+        """Requests the session's queue still takes (its admission room)."""
+        return self.scheduler.room(session)
+
     @property
     def queued(self) -> int:
         return self.scheduler.queued

@@ -52,6 +52,7 @@ class TaskEntry:
     tcp_endpoint: str = ""
     server_key: str = ""
     handle_conn: int | None = None
+    received: int = 0                  # requests of the current session received (admission's seen)
     requests: int = 0
     errors: int = 0
     timeouts: int = 0

@@ -9,9 +9,10 @@ was served) and K = `idle_credit` tokens: it banks at most K tokens of credit ho
 idle, as Linux CFS places a waking task a bounded amount behind min_vruntime (and like FQ-CoDel's
 priority for sparse flows). This bounded idle credit is the default (K = DEFAULT_IDLE_CREDIT, 512
 tokens: measured in bench/fairness_policy.py and bench/fairness.py); K = 0 is the strict rule,
-max(v_i, V), plain start-time fair queueing (SFQ, Goyal et al. 1996) with token costs. F is monotonic and V >= F without credit, so
-credits measured from max(V, F) never chain. A task running below its share (a quiet one) then has
-its next request served ahead of a continuously backlogged neighbour instead of in turn with it.
+max(v_i, V), plain start-time fair queueing (SFQ, Goyal et al. 1996) with token costs. F is
+monotonic and V >= F without credit, so credits measured from max(V, F) never chain. A task running
+below its share (a quiet one) then has its next request served ahead of a continuously backlogged
+neighbour instead of in turn with it.
 
 Groups and prices. Every task belongs to a group (one per hosted backbone); a batch holds requests
 of one group only (one forward), and `form_batch` picks the group whose least-served backlogged
@@ -177,6 +178,11 @@ class Scheduler:
                 "expired": t.expired,
                 "overloaded": t.overloaded, "vtime": t.vtime, "weight": t.weight,
                 "group": t.group.name}
+
+    def room(self, key: Hashable) -> int:
+        """How many more requests `key`'s queue takes before Overloaded (0 for an unknown task)."""
+        t = self._tasks.get(key)
+        return 0 if t is None else max(0, t.limit - t.queued)
 
     def vtime(self, key: Hashable) -> float:
         return self._tasks[key].vtime

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from typing import Callable, Protocol
 
 from fmplexd.auth import Authority
@@ -147,6 +148,7 @@ class Sessions:
             self.registry.add_slot(entry, slot)
         log.info("task %s registered by pid %d (session %x)", cfg.name, msg.pid, session)
         entry.state = TaskState.WAITING
+        entry.received = 0
         entry.staged = (slot, msg.extension)
         entry.identity, entry.pid, entry.endpoint = identity, msg.pid, msg.endpoint
         entry.tcp_endpoint, entry.server_key = msg.tcp_endpoint, msg.server_key
@@ -156,18 +158,24 @@ class Sessions:
         return Registered(ref=msg.ref, epoch=session, slot=slot.grant(), backbone=info,
                           heartbeat_ms=self.heartbeat_ms)
 
-    def submit(self, entry: TaskEntry, msg: Message, now: float) -> None:
-        """Queue a request of a serving task in the engine; a refusal other than OVERLOADED
-        counts as the task's error. Raises FmplexError (NOT_REGISTERED before its first commit)."""
+    def submit(self, entry: TaskEntry, msg: Message, now: float) -> bool:
+        """Queue a request of a serving task in the engine (True), or answer it with a typed Error
+        carrying the admission figures (False): NOT_REGISTERED before its first commit, a refusal
+        of the engine (invalid, oversized, overloaded); a refusal other than OVERLOADED counts as
+        the task's error."""
+        entry.received += 1
         try:
             if entry.state is not TaskState.READY or entry.slot.active is None:
                 raise FmplexError(ErrorCode.NOT_REGISTERED,
                                   f"task {entry.name} has not committed an extension yet")
             self.engine.admit(entry, msg, now)
+            return True
         except FmplexError as e:
             if e.code is not ErrorCode.OVERLOADED:
                 entry.errors += 1
-            raise
+            self.send(entry, self._admission(entry, Error(msg.ref, e.code, e.message,
+                                                          epoch=entry.session)))
+            return False
 
     def cancel(self, entry: TaskEntry, ref: int, now: float) -> None:
         """Stop the task's streaming request `ref`; its final message goes out now or when the
@@ -294,7 +302,11 @@ class Sessions:
                 entry.requests += 1
                 if d.latency_s is not None:
                     entry.latency.add(d.latency_s, now)
-            self.send(entry, msg)
+            self.send(entry, self._admission(entry, msg))
+
+    def _admission(self, entry: TaskEntry, msg: Message) -> Message:
+        """The message with the session's admission figures (room, seen): Result, Tokens, Error."""
+        return replace(msg, room=self.engine.room(entry.session), seen=entry.received)
 
     # -- liveness -------------------------------------------------------------------------------
 

@@ -9,6 +9,12 @@ fails the deploy with the error it printed. Who may deploy follows the one autho
 while its process lives) is killed first. Children never inherit NOTIFY_SOCKET or WATCHDOG_*.
 Task processes started by someone else are accepted by the daemon and simply not supervised here.
 
+Isolation: every supervised task process runs `task_nice` nicer than the daemon (so the forward and
+the daemon's I/O come first when CPU is contended), and, where the host gives the daemon cgroups to
+manage (fmplexd.cgroups), in a cgroup of its own: CPU weight from the task's weight, memory limit
+from its spec's memory_mb. A forked process joins both before it runs any task code; an exec'd one
+starts under `nice` and is moved into its cgroup right after the exec.
+
 Deployments are recorded in the state directory ({state_dir}/deployed/NAME.json), so a restarted
 daemon (which stopped its children on the way down) deploys them again (`restore`); removing a task
 deletes its record.
@@ -26,6 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fmplexd.auth import Authority
+from fmplexd.cgroups import TaskCgroups, join
 from ipc.addresses import RunDir
 from ipc.errors import TASK_EXIT_PREFIX, ErrorCode, FmplexError
 from ipc.spec import parse_spec
@@ -44,6 +51,8 @@ class Child:
     name: str
     spec_path: str
     owner_uid: int
+    weight: float = 1.0
+    memory_mb: int = 0
     proc: "asyncio.subprocess.Process | ForkedProcess | None" = None
     started: float = 0.0
     quick_deaths: int = 0          # consecutive deaths within HEALTHY_S of starting
@@ -56,9 +65,11 @@ class Child:
 
 class Supervisor:
     def __init__(self, run_dir: RunDir, state_dir: str, authority: Authority, use_zygote: bool,
-                 tokenizers: list[str]):
-        """`tokenizers`: tokenizer files the zygote preloads (shared by every forked task)."""
+                 tokenizers: list[str], nice: int = 0, cgroups: TaskCgroups | None = None):
+        """`tokenizers`: tokenizer files the zygote preloads (shared by every forked task);
+        `nice`, `cgroups`: the isolation of task processes (see the module docstring)."""
         self.authority = authority
+        self.nice, self.cgroups = nice, cgroups
         self.children: dict[str, Child] = {}
         self.spec_dir = os.path.join(run_dir.path, "specs")
         self.log_dir = os.path.join(run_dir.path, "logs")
@@ -79,7 +90,7 @@ class Supervisor:
             raise FmplexError(ErrorCode.CONFLICT, f"task {spec.name} is already deployed")
         path = spec_path if spec_path and os.path.isabs(spec_path) and os.path.exists(spec_path) \
             else self._write_spec(spec.name, spec_text)
-        child = Child(spec.name, path, spec.owner_uid)
+        child = Child(spec.name, path, spec.owner_uid, spec.weight, spec.memory_mb)
         self.children[spec.name] = child
         await self._start(child)
         try:
@@ -176,6 +187,8 @@ class Supervisor:
             await asyncio.gather(*(p.wait() for p in procs), return_exceptions=True)
         if self.zygote is not None:
             await self.zygote.close()
+        if self.cgroups is not None:
+            self.cgroups.close()
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -192,26 +205,46 @@ class Supervisor:
         if os.getuid() == 0 and child.owner_uid != 0:
             uid, gid = child.owner_uid, _primary_gid(child.owner_uid)
         log_path = os.path.join(self.log_dir, f"{child.name}.log")
+        procs = self._place(child)
         child.proc = None
         if self.zygote is not None:
             try:
                 child.proc = await self.zygote.spawn(child.name, child.spec_path, log_path, env,
-                                                     uid, gid)
+                                                     uid, gid, self.nice, tuple(procs))
             except FmplexError as e:        # the zygote only saves memory: exec instead
                 log.warning("task %s: %s; starting it with exec", child.name, e.message)
         if child.proc is None:
             as_user = {} if uid is None else {"user": uid, "group": gid, "extra_groups": []}
+            nice = ["nice", "-n", str(self.nice)] if self.nice else []
             with open(log_path, "ab") as log_file:
                 child.proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "tasklets", child.spec_path, "--supervised", stdin=asyncio.subprocess.DEVNULL, stdout=log_file,
-                    stderr=log_file, env=env, start_new_session=True, **as_user)
+                    *nice, sys.executable, "-m", "tasklets", child.spec_path, "--supervised",
+                    stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file, env=env,
+                    start_new_session=True, **as_user)
+            try:
+                join(procs, child.proc.pid)
+            except OSError as e:
+                log.warning("task %s: cannot move pid %d into its cgroup: %s", child.name,
+                            child.proc.pid, e)
         child.started = time.monotonic()
         child.ready = asyncio.get_running_loop().create_future()
         child.watcher = asyncio.get_running_loop().create_task(self._watch(child, log_path))
 
+    def _place(self, child: Child) -> list[str]:
+        """The task's cgroup (made or updated): the cgroup.procs files its process joins."""
+        if self.cgroups is None:
+            return []
+        try:
+            return self.cgroups.place(child.name, child.weight, child.memory_mb)
+        except OSError as e:
+            log.warning("task %s runs without a cgroup of its own: %s", child.name, e)
+            return []
+
     async def _watch(self, child: Child, log_path: str) -> None:
         code = await child.proc.wait()
         if child.stopping:
+            if self.cgroups is not None and self.children.get(child.name) is not child:
+                self.cgroups.release(child.name)
             return
         if not child.ready.done():          # died before ever serving: the deploy fails
             if child.restarts == 0:

@@ -62,8 +62,8 @@ class TaskPlane:
             return
         entry = self.sessions.acting(msg.epoch, env.peer_uid(), env.identity, now)
         if type(msg) in SESSION_REQUESTS:
-            self.sessions.submit(entry, msg, now)
-            self.wake()
+            if self.sessions.submit(entry, msg, now):
+                self.wake()
         elif isinstance(msg, Cancel):
             self.sessions.cancel(entry, msg.ref, now)
         elif isinstance(msg, Commit):

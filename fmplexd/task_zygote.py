@@ -71,13 +71,17 @@ class TaskZygote:
         self._starting = asyncio.Lock()
 
     async def spawn(self, name: str, spec: str, log_path: str, env: dict[str, str],
-                    uid: int | None, gid: int | None) -> ForkedProcess:
+                    uid: int | None, gid: int | None, nice: int = 0,
+                    cgroups: tuple[str, ...] = ()) -> ForkedProcess:
+        """Fork a task process: `nice` lowers its priority, `cgroups` are the cgroup.procs files
+        it joins (both before it runs any of its own code)."""
         await self._ensure_started()
         rid = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._replies[rid] = fut
         try:
-            request = Spawn(ref=rid, name=name, spec=spec, log=log_path, env=env, uid=uid, gid=gid)
+            request = Spawn(ref=rid, name=name, spec=spec, log=log_path, env=env, uid=uid, gid=gid,
+                            nice=nice, cgroups=list(cgroups))
             return await asyncio.wait_for(self._send_and_wait(request, fut), SPAWN_TIMEOUT_S)
         except OSError as e:
             raise FmplexError(ErrorCode.INTERNAL, f"the task zygote is unreachable: {e}") from None

@@ -19,11 +19,13 @@ from ipc.errors import ErrorCode
 from ipc.fields import (Bool, Bytes, Enum, Float, Int, ListOf, MapOf, Optional, Str, Struct,
                         Tensor)
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 U64 = Int(0, (1 << 64) - 1)
 REF = U64
 EPOCH = Int(1, (1 << 63) - 1)
+ROOM = Int(0, 1_000_000)                      # admission: requests a task's queue can still take
+SEEN = Int(1, (1 << 64) - 1)                  # admission: session requests the daemon received
 NAME = Str(64, 1, r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 TARGET = Str(32, 1, r"[a-z][a-z0-9_]*")      # a target (linear layer) name of a backbone's family
 TASK_REF = Str(80, 1, r"[A-Za-z0-9][A-Za-z0-9_.\-]*(@[A-Za-z0-9_\-]+)?")   # name or name@variant
@@ -326,6 +328,8 @@ class Error(Message):
     code: Annotated[ErrorCode, Enum(ErrorCode)]
     message: Annotated[str, Str(4096)]
     epoch: Annotated[int, Int(0, (1 << 63) - 1)] = 0
+    room: Annotated[int | None, Optional(ROOM)] = None     # admission (daemon -> task): see Result
+    seen: Annotated[int | None, Optional(SEEN)] = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,6 +412,13 @@ class Result(Message):
     data: Annotated[np.ndarray, Tensor(("float32", "float16"), ndim=2)]
     queue_ms: Annotated[float, Float(0)] = 0.0
     run_ms: Annotated[float, Float(0)] = 0.0
+    # Admission, as flow control (also on Tokens and on a session's Error replies): when the daemon
+    # sent this, it had received `seen` requests of the session (1 = the first) and the task's
+    # queue had room for `room` more. The task may send room - (requests sent - seen) more before
+    # one is refused as overloaded, and refuses further ones itself before doing any work for
+    # them. Absent: no admission figures.
+    room: Annotated[int | None, Optional(ROOM)] = None
+    seen: Annotated[int | None, Optional(SEEN)] = None
 
 
 # -- vision and time-series requests (one forward each; answered by a Result)
@@ -473,6 +484,8 @@ class Tokens(Message):
     prompt_tokens: Annotated[int, Int(0)] = 0
     completion_tokens: Annotated[int, Int(0)] = 0
     version: Annotated[int, Int(0)] = 0                       # extension version generating it
+    room: Annotated[int | None, Optional(ROOM)] = None        # admission: see Result
+    seen: Annotated[int | None, Optional(SEEN)] = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -813,6 +826,9 @@ class Spawn(Message):
     env: Annotated[dict[str, str], MapOf(Str(1 << 16), 4096, Str(256, 1))]
     uid: Annotated[int | None, Optional(Int(0, (1 << 32) - 1))] = None
     gid: Annotated[int | None, Optional(Int(0, (1 << 32) - 1))] = None
+    nice: Annotated[int, Int(0, 19)] = 0          # the child lowers its priority by this much
+    cgroups: Annotated[list[str], ListOf(Str(4096, 1), 8)] = field(default_factory=list)
+    # cgroup.procs files the child joins (before it takes the owner's uid); see fmplexd.cgroups
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,8 @@ it lives here, below both. Pure Python (tomllib); no torch.
     queue_limit = 256                    # requests queued in the daemon before "overloaded"; the
                                          # task itself accepts at most 2x this many at once
     deadline_ms = 10000                  # default per-request deadline (text-generation: 120000)
+    memory_mb = 0                        # the task process's memory limit (its cgroup's memory.max
+                                         #   where fmplexd places tasks in cgroups); 0 = none
     labels = ["negative", "positive"]    # classification pipelines: one per head output
     pooling = "mean"                     # cls | mean (default: mean); images: the CLS row or
                                          #   the mean of the patch rows; series: the last step's
@@ -128,6 +130,7 @@ class TaskSpec:
     authorized_keys: tuple[str, ...]
     system_prompt: str = ""
     generation: GenerationDefaults = GenerationDefaults()
+    memory_mb: int = 0
 
     def task_config(self, variant: str = "") -> TaskConfig:
         return TaskConfig(name=self.name + (f"@{variant}" if variant else ""),
@@ -137,7 +140,7 @@ class TaskSpec:
 
 
 _TOP = {"name", "pipeline", "backbone", "owner", "weight", "queue_limit", "deadline_ms", "labels",
-        "pooling", "top_k", "extension", "endpoint", "system_prompt", "generation"}
+        "pooling", "top_k", "extension", "endpoint", "system_prompt", "generation", "memory_mb"}
 _GENERATION = {"max_tokens", "temperature", "top_p", "top_k", "stop"}
 _EXT = {"adapter", "head", "head_activation"}
 _ENDPOINT = {"tcp", "authorized_keys"}
@@ -188,7 +191,8 @@ def parse_spec(text: str, base_dir: str | None = None) -> TaskSpec:
         head_activation=_enum(Activation, "extension.head_activation",
                               _get(ext, "head_activation", str, "relu")),
         tcp=_get(endpoint, "tcp", str, ""), authorized_keys=keys,
-        system_prompt=_get(data, "system_prompt", str, ""), generation=_generation(gen))
+        system_prompt=_get(data, "system_prompt", str, ""), generation=_generation(gen),
+        memory_mb=int(_number(data, "memory_mb", 0, 0, 1 << 24, integer=True)))
     if (spec.system_prompt or gen) and pipeline is not Pipeline.GENERATION:
         raise SpecError("system_prompt" if spec.system_prompt else "generation",
                         f"only a {Pipeline.GENERATION.value} task takes it")

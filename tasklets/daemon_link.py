@@ -38,6 +38,7 @@ from ipc.shm import MappedRegion, store
 
 log = logging.getLogger("fmplex.task")
 SESSION_MESSAGES = (Result, Tokens, Committed, UpdateReady, Command, Heartbeat)   # carry an epoch
+ADMISSION_MESSAGES = (Result, Tokens, Error)                  # may carry admission figures
 
 
 class DaemonLost(FmplexError):
@@ -47,29 +48,74 @@ class DaemonLost(FmplexError):
 
 @dataclass(slots=True, eq=False)
 class Session:
+    """One registered version of the task. Admission (flow control with the daemon): `sent`
+    counts the requests sent or reserved in this session; the daemon's replies say how many it
+    had received (`seen`) and how much room the queue had then (`room`), so
+    `credit() = room - (sent - seen)` is a lower bound of the room the queue has now."""
     epoch: int
     config: TaskConfig
     spec: ExtensionSpec
     grant: SlotGrant
     region: MappedRegion
     version: int = 0
+    sent: int = 0
+    seen: int = 0
+    room: int = 0
+
+    def __post_init__(self) -> None:
+        self.room = self.config.queue_limit
+
+    def credit(self) -> int:
+        return self.room - (self.sent - self.seen)
+
+    def admitted(self, room: int, seen: int) -> None:
+        """Admission figures from a reply (ignored if older than what we know)."""
+        if seen >= self.seen:
+            self.seen, self.room = seen, room
 
 
 class SessionCall:
     """One session's requests on the link (what a pipeline sees): each request carries the
-    session's epoch and a fresh ref; `task` names the variant the session serves."""
+    session's epoch and a fresh ref; `task` names the variant the session serves.
+
+    Admission: `reserve()` takes one credit of the session before any work is done for a client
+    request (FmplexError OVERLOADED, at once, when it has none); the first request sent uses it,
+    later ones count afresh; `release()` returns it if nothing was sent."""
 
     def __init__(self, link: "DaemonLink", session: Session, task: str):
         self.link, self.session, self.task = link, session, task
+        self.reserved = False
+
+    def reserve(self) -> None:
+        s = self.session
+        if s.credit() <= 0:
+            raise FmplexError(ErrorCode.OVERLOADED, f"task {self.task} has {s.config.queue_limit} "
+                              "requests queued in the daemon (its limit); refused before any work")
+        s.sent += 1
+        self.reserved = True
+
+    def release(self) -> None:
+        if self.reserved:
+            self.reserved = False
+            self.session.sent -= 1
+
+    def _count(self) -> None:
+        if self.reserved:
+            self.reserved = False
+        else:
+            self.session.sent += 1
 
     async def request(self, cls: type, **fields):
         """One request, its one reply (an Error reply raises FmplexError)."""
-        return await self.link._request(cls(epoch=self.session.epoch, ref=next(self.link._refs),
-                                            **fields), timeout_s=None)
+        msg = cls(epoch=self.session.epoch, ref=next(self.link._refs), **fields)
+        self._count()
+        return await self.link._request(msg, timeout_s=None)
 
     def stream(self, cls: type, **fields) -> "Stream":
         """Send a streaming request (Generate); iterate the returned Stream for its replies."""
-        return Stream(self.link, cls(epoch=self.session.epoch, ref=next(self.link._refs), **fields))
+        msg = cls(epoch=self.session.epoch, ref=next(self.link._refs), **fields)
+        self._count()
+        return Stream(self.link, msg)
 
 
 class Stream:
@@ -289,6 +335,10 @@ class DaemonLink:
         self._last_heard = time.monotonic()
         if isinstance(msg, SESSION_MESSAGES) and msg.epoch not in self.sessions:
             return                                          # stale: an ended session's traffic
+        if isinstance(msg, ADMISSION_MESSAGES) and msg.seen:
+            session = self.sessions.get(msg.epoch)
+            if session is not None:
+                session.admitted(msg.room, msg.seen)
         stream = self._streams.get(getattr(msg, "ref", -1)) if isinstance(msg, (Tokens, Error)) \
             else None
         if stream is not None:

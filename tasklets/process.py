@@ -115,11 +115,14 @@ class TaskProcess:
         if session is None:                       # a canary dropped while we waited
             variant, session = self.main, self.main.session
         call = SessionCall(self.link, session, variant.name)
+        call.reserve()                       # no room in the daemon's queue: refused before work
         try:
             return await asyncio.wait_for(variant.pipeline.serve(msg, call, client, deadline_ms),
                                           deadline_ms / 1e3)
         except asyncio.TimeoutError:
             raise FmplexError(ErrorCode.TIMEOUT, f"no result within {deadline_ms} ms") from None
+        finally:
+            call.release()
 
     # -- daemon connection --------------------------------------------------------------------
 

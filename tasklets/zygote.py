@@ -108,8 +108,7 @@ def _spawn(req: Spawn, sock: socket.socket, own_fds: tuple[int, int]) -> Spawned
     if pid == 0:                                          # the task process
         code = 1
         try:
-            code = _become_task(req.name, req.spec, req.env, req.uid, req.gid, log_fd, sock,
-                                own_fds)
+            code = _become_task(req, log_fd, sock, own_fds)
         except BaseException:
             traceback.print_exc()
         finally:
@@ -120,9 +119,11 @@ def _spawn(req: Spawn, sock: socket.socket, own_fds: tuple[int, int]) -> Spawned
     return Spawned(ref=req.ref, pid=pid)
 
 
-def _become_task(name: str, spec: str, env: dict, uid, gid, log_fd: int, sock: socket.socket,
-                 own_fds: tuple[int, int]) -> int:
-    """In the child: drop everything of the zygote's, take the task's identity, run the task."""
+def _become_task(req: Spawn, log_fd: int, sock: socket.socket, own_fds: tuple[int, int]) -> int:
+    """In the child: drop everything of the zygote's, join the task's cgroups and lower its
+    priority (while still privileged, before any thread exists), take the task's identity, run
+    the task."""
+    name, spec, env, uid, gid = req.name, req.spec, req.env, req.uid, req.gid
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     sock.close()
@@ -135,6 +136,14 @@ def _become_task(name: str, spec: str, env: dict, uid, gid, log_fd: int, sock: s
     os.dup2(log_fd, 2)
     os.close(null)
     os.close(log_fd)
+    for path in req.cgroups:
+        try:
+            with open(path, "w") as f:
+                f.write("0")                              # 0: the writing process
+        except OSError as e:
+            print(f"fmplex-task {name}: cannot join cgroup {path}: {e}", file=sys.stderr)
+    if req.nice:
+        os.nice(req.nice)
     if uid is not None:                                   # as the task's owner: for good
         os.setgroups([])
         os.setgid(int(gid if gid is not None else uid))

@@ -99,7 +99,8 @@ GARBAGE = [   # (what, frames, expected code, expected ref)
      ErrorCode.BAD_MESSAGE, 0),
     ("an unreferenced extra frame", [pack({"type": "infer", "ref": 15, "texts": ["a"]}), b"extra"],
      ErrorCode.BAD_FRAME, 15),
-    ("a message of another socket", [pack({"type": "hello", "ref": 16, "proto": 2, "role": "task"})],
+    ("a message of another socket",
+     [pack({"type": "hello", "ref": 16, "proto": PROTOCOL_VERSION, "role": "task"})],
      ErrorCode.UNEXPECTED, 16),
 ]
 

@@ -124,7 +124,8 @@ def valid_messages():
     """(id, message): at least one instance of every message class, Optional fields set and unset."""
     rng = np.random.default_rng(0)
     return [
-        ("error", Error(ref=1, code=ErrorCode.OVERLOADED, message="queue full", epoch=5)),
+        ("error", Error(ref=1, code=ErrorCode.OVERLOADED, message="queue full", epoch=5, room=3,
+                        seen=17)),
         ("error-default-epoch", Error(ref=0, code=ErrorCode.INTERNAL, message="")),
         ("ok", Ok(ref=2**64 - 1, message="done")),
         ("ok-default", Ok(ref=0)),
@@ -145,7 +146,7 @@ def valid_messages():
         ("submit-no-type-ids", Submit(epoch=1, ref=5, output=Output.POOLED, lengths=[4], ids=_ids(4))),
         ("result-f32", Result(epoch=1, ref=5, version=2, output=Output.POOLED,
                               data=rng.standard_normal((2, 16)).astype(np.float32),
-                              queue_ms=0.5, run_ms=3.25)),
+                              queue_ms=0.5, run_ms=3.25, room=7, seen=1)),
         ("result-f16", Result(epoch=1, ref=5, version=0, output=Output.LOGITS,
                               data=rng.standard_normal((3, 4)).astype(np.float16))),
         ("result-empty", Result(epoch=1, ref=5, version=0, output=Output.TOKENS,
@@ -206,7 +207,7 @@ def valid_messages():
                               ignore_eos=True, deadline_ms=500)),
         ("generate-default", Generate(epoch=1, ref=30, prompt=_ids(1), max_tokens=1)),
         ("tokens", Tokens(epoch=1, ref=30, ids=[42], finish=FinishReason.LENGTH, prompt_tokens=5,
-                          completion_tokens=64, version=2)),
+                          completion_tokens=64, version=2, room=256, seen=3)),
         ("tokens-default", Tokens(epoch=1, ref=30, ids=[])),
         ("cancel", Cancel(epoch=1, ref=30)),
         ("generate-text", GenerateText(
@@ -224,7 +225,8 @@ def valid_messages():
         ("zygote-ready", ZygoteReady(pid=321)),
         ("spawn", Spawn(ref=19, name="t@canary", spec="/run/fmplex/specs/t.toml",
                         log="/run/fmplex/logs/t.log", env={"PATH": "/usr/bin", "EMPTY": ""},
-                        uid=65534, gid=65534)),
+                        uid=65534, gid=65534, nice=10,
+                        cgroups=["/sys/fs/cgroup/system.slice/fmplexd.service/tasks/t/cgroup.procs"])),
         ("spawn-default", Spawn(ref=19, name="t", spec="/s.toml", log="/l.log", env={})),
         ("spawned", Spawned(ref=19, pid=4321)),
         ("child-exit", ChildExit(pid=4321, code=-9)),

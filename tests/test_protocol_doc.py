@@ -16,7 +16,7 @@ import zmq
 
 from testkit.launch import Daemon, TaskProc, short_tmpdir, write_spec
 
-PROTO = 2                       # §8
+PROTO = 3                       # §8
 HEARTBEAT_MS = 500              # the daemon below is configured with it (§10); generous, so that
 LIVENESS_MS = 5000              # a loaded CI machine does not make peers declare each other dead
 WAIT_MS = 10_000
@@ -82,9 +82,12 @@ class Dealer:
         self.sock.close(linger=0)
 
 
-def assert_error(head: dict, code: str, ref: int) -> None:
+def assert_error(head: dict, code: str, ref: int, admission: bool = False) -> None:
+    """An error as §5/§6 say (with the admission figures of §13.5 when it answers a session
+    request on the task plane)."""
     assert head["type"] == "error", head
-    assert set(head) == {"type", "ref", "code", "message", "epoch"}, head
+    assert set(head) == {"type", "ref", "code", "message", "epoch"} | (
+        {"room", "seen"} if admission else set()), head
     assert head["code"] == code and head["ref"] == ref, head
     assert isinstance(head["message"], str) and len(head["message"]) <= 4096
 
@@ -357,7 +360,7 @@ def test_a_raw_task_registers_commits_serves_and_updates(ctx, daemon, emb_task):
         welcome = t.hello()
         info = welcome["backbones"][0]
         ext = {"pooling": "mean", "lora": [{"layer": 0, "module": "query", "rank": 2, "scale": 1.0}]}
-        reg, _ = t.request("register", proto=2, task={"name": "rawtask", "owner_uid": os.getuid()},
+        reg, _ = t.request("register", proto=PROTO, task={"name": "rawtask", "owner_uid": os.getuid()},
                            extension=ext, pid=os.getpid())
         assert reg["type"] == "registered" and 1 <= reg["epoch"] < U63
         assert reg["epoch"] != welcome["epoch"] and reg["heartbeat_ms"] == HEARTBEAT_MS
@@ -369,7 +372,8 @@ def test_a_raw_task_registers_commits_serves_and_updates(ctx, daemon, emb_task):
         assert g1["half_bytes"] % 4096 == 0 and g1["size"] == 2 * g1["half_bytes"]
 
         early, _ = t.submit([101, 102])                                     # before the commit
-        assert_error(early, "not_registered", early["ref"])
+        assert_error(early, "not_registered", early["ref"], admission=True)
+        assert (early["seen"], early["room"]) == (1, 256)          # §13.5: the first one seen
 
         slot = t.open_slot(g1)
         t.write(slot, g1, lora(2, 0.0, seed=1))                             # B = 0: the base model
@@ -382,6 +386,7 @@ def test_a_raw_task_registers_commits_serves_and_updates(ctx, daemon, emb_task):
         ids = tok.encode("hello world").ids
         res, frames = t.submit(ids)
         assert res["type"] == "result" and res["epoch"] == t.epoch and res["version"] == 1, res
+        assert (res["seen"], res["room"]) == (2, 256)              # taken: the queue is empty
         base = tensor(frames, res["data"], "float32")
         assert base.shape == (1, 32) and res["output"] == "pooled"
         client = Dealer(ctx, f"ipc://{daemon.run_dir}/tenants/{os.getuid()}/emb.sock")
@@ -444,7 +449,7 @@ def relay(ctx, daemon, name: str, answer) -> dict:
     op = control(ctx, daemon)
     try:
         t.hello()
-        reg, _ = t.request("register", proto=2, task={"name": name, "owner_uid": os.getuid()}, extension={})
+        reg, _ = t.request("register", proto=PROTO, task={"name": name, "owner_uid": os.getuid()}, extension={})
         t.epoch = reg["epoch"]
         t.open_slot(reg["slot"]).close()                                   # no tensors to write
         assert t.request("commit", generation=1, half=0)[0]["type"] == "committed"

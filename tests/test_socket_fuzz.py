@@ -11,10 +11,10 @@ import pytest
 import zmq
 
 from ipc import codec
-from ipc.messages import (Commit, Committed, Deploy, Error, ExtensionSpec, Health, Heartbeat, Hello,
-                          Infer, ListTasks, Ok, OpenRegions, Output, PrepareUpdate, Register,
-                          Registered, RemoveTask, Role, Submit, TaskCommand, TaskConfig, Unregister,
-                          UpdateReady)
+from ipc.messages import (PROTOCOL_VERSION, Commit, Committed, Deploy, Error, ExtensionSpec,
+                          Health, Heartbeat, Hello, Infer, ListTasks, Ok, OpenRegions, Output,
+                          PrepareUpdate, Register, Registered, RemoveTask, Role, Submit,
+                          TaskCommand, TaskConfig, Unregister, UpdateReady)
 from testkit.fuzz.mutations import edit_frames, edit_header
 from testkit.fuzz.sockets import (CONTROL_MAX_FRAME, HANDLE_MAX_FDS, HANDLE_MAX_REQUEST,
                                   HEARTBEAT_CONFIG, IGNORED_REPLIES, MAX_HEADER, PROBE_BASE,
@@ -102,7 +102,7 @@ def test_hand_picked_malformed_inputs_get_typed_errors(target, kind):
                "tasks": f"ipc://{target.run_dir}/tasks.sock", "endpoint": target.endpoint}[kind]
     other = {"control": frames_of(Infer(ref=8, texts=["x"])),
              "tasks": frames_of(ListTasks(ref=8)),
-             "endpoint": frames_of(Hello(ref=8, proto=2, role=Role.CLIENT))}[kind]
+             "endpoint": frames_of(Hello(ref=8, proto=PROTOCOL_VERSION, role=Role.CLIENT))}[kind]
     cases = HAND_PICKED + [(other, "unexpected", 8)]
     if kind == "tasks":
         cases.append((frames_of(Submit(epoch=12345, ref=9, output=Output.POOLED, lengths=[1],
@@ -244,9 +244,9 @@ def run_slot_session(c, ctx, target: Target, end: str) -> None:
     try:
         c.control(Health(ref=c.ref()))
         sock = _dealer(ctx, f"ipc://{target.run_dir}/tasks.sock")
-        assert _ask(sock, frames_of(Hello(ref=0, proto=2, role=Role.TASK))).TYPE == "welcome"
+        assert _ask(sock, frames_of(Hello(ref=0, proto=PROTOCOL_VERSION, role=Role.TASK))).TYPE == "welcome"
         base = fd_count(target.daemon_pid)            # with both connections open
-        reg = _ask(sock, frames_of(Register(ref=1, proto=2, task=TaskConfig(
+        reg = _ask(sock, frames_of(Register(ref=1, proto=PROTOCOL_VERSION, task=TaskConfig(
             name="fzleak", owner_uid=os.getuid()), extension=ExtensionSpec(), pid=1 << 31)))
         assert isinstance(reg, Registered), reg
         assert isinstance(_ask(sock, frames_of(Commit(epoch=reg.epoch, ref=2, generation=1,
@@ -257,7 +257,7 @@ def run_slot_session(c, ctx, target: Target, end: str) -> None:
         if end == "unregister":
             assert isinstance(_ask(sock, frames_of(Unregister(epoch=reg.epoch, ref=4))), Ok)
         elif end == "reregister":
-            again = _ask(sock, frames_of(Register(ref=5, proto=2, task=TaskConfig(
+            again = _ask(sock, frames_of(Register(ref=5, proto=PROTOCOL_VERSION, task=TaskConfig(
                 name="fzleak", owner_uid=os.getuid()), extension=ExtensionSpec())))
             assert isinstance(again, Registered), again
             assert isinstance(_ask(sock, frames_of(Unregister(epoch=again.epoch, ref=6))), Ok)

@@ -48,7 +48,7 @@ from ipc.errors import ErrorCode, ProtocolError
 from ipc.fields import (WIRE_DTYPES, Bool, Bytes, Enum, Float, Int, ListOf, MapOf, Optional, Str,
                         Struct, Tensor)
 from ipc.fields import schema_fields as _schema_fields
-from ipc.messages import (ALL_MESSAGES, Command, Commit, Deploy, Error, ExtensionSpec,
+from ipc.messages import (ALL_MESSAGES, PROTOCOL_VERSION, Command, Commit, Deploy, Error, ExtensionSpec,
                           HeadInput, HeadKind, HeadSpec, Health, Heartbeat, Ia3Entry, Infer,
                           ListTasks, LoraEntry, Ok, OpenRegions, PrepareUpdate,
                           Register, Registered, RegionsGranted, RemoveTask, Submit,
@@ -281,7 +281,7 @@ class Generator:
         if isinstance(msg, Register) and r.random() < 0.75:
             name = r.choice(FUZZ_NAMES + (REAL_TASK,) if r.random() < 0.1 else FUZZ_NAMES)
             msg = dataclasses.replace(
-                msg, proto=2, extension=self.small_extension(),
+                msg, proto=PROTOCOL_VERSION, extension=self.small_extension(),
                 task=dataclasses.replace(msg.task, name=name, owner_uid=self.uid, backbone="default",
                                          queue_limit=r.randint(1, 64)))
         elif hasattr(msg, "epoch") and isinstance(msg, (Submit, Commit, PrepareUpdate, Unregister,
