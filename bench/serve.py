@@ -84,7 +84,9 @@ def parse_args():
                     help="CPU partitioning: pinned cores + a CFS quota where possible (auto), "
                          "pinned cores only (pin), or require the quota (quota)")
     ap.add_argument("--daemon-threads", type=int, default=0,
-                    help="fmplexd's torch threads (0 = its default, cores - 1)")
+                    help="fmplexd's torch threads per executor lane (0 = its default)")
+    ap.add_argument("--daemon-config", default="",
+                    help="extra fmplexd.toml lines, e.g. 'executor_lanes = 1' (a variant run)")
     ap.add_argument("--colocated-threads", type=int, default=0,
                     help="torch threads of each co-located instance (0 = torch's default)")
     ap.add_argument("--alphas", default=None, help="comma-separated alphas (default 0.5,0.9,1.3)")
@@ -144,7 +146,7 @@ def main() -> int:
         log(f"  {b1['by_tokens_ms']}")
 
         log(f"fmplex: daemon + {plan.n_tasks} task processes")
-        fm = Fmplex(bank, args.daemon_threads).start()
+        fm = Fmplex(bank, args.daemon_threads, config=args.daemon_config).start()
         try:
             fm_points = [(1, fmplex_memory_point(fm, 1, log)[1])]
             run_async(fm.deploy(tasks[1:]))

@@ -15,8 +15,9 @@ backbone. Built once, never rewritten after construction.
     kv_block_tokens = 16               # token slots per KV block
     max_sequences = 64                 # decoder backbones: sequences generating at once
     max_request_tokens = 16384         # per Submit; larger ones are refused as oversized
-    threads = 0                        # torch intra-op threads; 0 = cores - 1 (min 1), leaving a
-                                       # core to task processes, clients and the daemon's I/O
+    executor_lanes = 0                 # forwards that may run at once, each a thread running its
+                                       # own batch over the same shared weights; 0 = one per core
+    threads = 0                        # torch intra-op threads per lane; 0 = cores // lanes (min 1)
     trust_root = true                  # uid 0 may act for any owner
     keep_slot_on_death = false
     task_zygote = true                 # fork supervised task processes from a pre-imported zygote
@@ -37,6 +38,7 @@ backbone. Built once, never rewritten after construction.
 """
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, field, fields
 
@@ -66,6 +68,7 @@ class DaemonConfig:
     kv_block_tokens: int = 16
     max_sequences: int = 64
     max_request_tokens: int = 16384
+    executor_lanes: int = 0
     threads: int = 0
     trust_root: bool = True
     keep_slot_on_death: bool = False
@@ -88,6 +91,8 @@ class DaemonConfig:
             raise ValueError("need 0 < heartbeat_ms < liveness_ms <= 60000")
         if self.token_budget < 1 or self.max_batch_requests < 1:
             raise ValueError("token_budget and max_batch_requests must be >= 1")
+        if self.executor_lanes < 0 or self.threads < 0:
+            raise ValueError("executor_lanes and threads must be >= 0")
         if self.idle_credit_tokens < 0:
             raise ValueError("idle_credit_tokens must be >= 0")
         if not 0 <= self.task_nice <= 19:
@@ -96,6 +101,13 @@ class DaemonConfig:
             raise ValueError("task_cgroups must be auto, v2, v1 or off")
         if self.kv_pool_mb <= 0 or self.kv_block_tokens < 1 or self.max_sequences < 1:
             raise ValueError("need kv_pool_mb > 0, kv_block_tokens >= 1 and max_sequences >= 1")
+
+    def lanes_and_threads(self) -> tuple[int, int]:
+        """(executor lanes, torch threads per lane), the zeros resolved for this machine's cores:
+        lanes x threads = cores by default, so the forwards use every core and no more."""
+        cores = len(os.sched_getaffinity(0)) or 1
+        lanes = self.executor_lanes or cores
+        return lanes, self.threads or max(1, cores // lanes)
 
 
 def load_config(path: str | None, **overrides) -> DaemonConfig:

@@ -5,11 +5,15 @@ Built here, each with only what it needs:
     sessions    Sessions(engine, authority): the task records, liveness, slots, versions
     supervisor  Supervisor: deployed task processes (forked by the task zygote)
     handlers    TaskPlane, ControlApi, HandlePolicy: one per socket, given a reply callable
-Loops (one uvloop event loop; the forward runs in a worker thread so the loop keeps answering
+Loops (one uvloop event loop; forwards run in worker threads so the loop keeps answering
 heartbeats and control requests meanwhile):
     serve_tasks    receive task-plane messages  -> TaskPlane.handle
     serve_control  receive control messages     -> ControlApi.handle
-    engine_loop    next work -> run -> finish -> deliver   (arrivals come through serve_tasks)
+    lane x N       next work -> run -> finish -> deliver   (arrivals come through serve_tasks)
+                   N executor lanes (config executor_lanes, one per core by default), each a
+                   worker thread running its own batch with `threads` intra-op threads over the
+                   same shared weights: every core computes forwards, none is oversubscribed
+                   (on a GPU the same shape maps to CUDA streams).
     housekeeping   heartbeats out, liveness in, deadline expiry, relay expiry, watchdog
 Signal handlers only set `stopping`; shutdown drains in-flight work, tells tasks, and exits.
 """
@@ -55,7 +59,8 @@ class Daemon:
         self.run_dir = RunDir(config.run_dir)
         self.epoch = transport.new_epoch()
         self.started = time.monotonic()
-        torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 2) - 1))
+        self.lanes, threads = config.lanes_and_threads()
+        torch.set_num_threads(threads)
         backbones = {}
         for b in config.backbones:
             self.notify(status=f"loading backbone {b.name}", extend_timeout_s=120)
@@ -72,9 +77,9 @@ class Daemon:
         self.wake = asyncio.Event()
         self._stop = asyncio.Event()
         self.ctx = zmq.asyncio.Context()
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="fmplexd-forward")
+        self.pool = ThreadPoolExecutor(self.lanes, thread_name_prefix="fmplexd-forward")
         self.in_flight = 0
-        self.batch_started = 0.0
+        self.batch_started: dict[int, float] = {}     # lane -> when its forward started
 
     # -- set-up and shutdown ----------------------------------------------------------------
 
@@ -111,7 +116,8 @@ class Daemon:
         self.handles.start()
         self.supervisor.restore()
         loops = [asyncio.create_task(c) for c in (
-            self.serve_tasks(), self.serve_control(), self.engine_loop(), self.housekeeping())]
+            self.serve_tasks(), self.serve_control(), self.housekeeping(),
+            *(self.lane(i) for i in range(self.lanes)))]
         for t in loops:
             t.add_done_callback(self._loop_ended)
         self.notify(ready=True, status=f"serving {len(self.backbones)} backbone(s)")
@@ -167,8 +173,10 @@ class Daemon:
             env = await transport.recv(self.control_sock, router_side=True)
             await self.control.handle(env)
 
-    async def engine_loop(self) -> None:
-        """next work -> run (worker thread) -> finish -> deliver."""
+    async def lane(self, lane: int) -> None:
+        """One executor lane: next work -> run (in a worker thread) -> finish -> deliver. Every
+        lane takes the next work as soon as it is free; `wake` (an arrival, or a lane that
+        finished: a decoder's next iteration may be formed now) sends idle lanes looking."""
         loop = asyncio.get_running_loop()
         while True:
             work, late = self.engine.next_work(time.monotonic())
@@ -178,7 +186,7 @@ class Daemon:
                 await self.wake.wait()
                 continue
             self.in_flight += 1
-            t0 = self.batch_started = time.monotonic()
+            t0 = self.batch_started[lane] = time.monotonic()
             try:
                 outputs = await loop.run_in_executor(self.pool, self.engine.run, work)
             except Exception as e:      # a bug in the forward must not stop the daemon
@@ -186,9 +194,12 @@ class Daemon:
                 outputs = FmplexError(ErrorCode.INTERNAL, f"forward failed: {e}")
             finally:
                 self.in_flight -= 1
+                del self.batch_started[lane]
             t1 = time.monotonic()
             self.sessions.deliver(self.engine.finish(work, outputs, t0, t1), t1)
             self.sessions.ack_drained()
+            if self.lanes > 1:
+                self.wake.set()
 
     async def housekeeping(self) -> None:
         period = self.config.heartbeat_ms / 1e3
@@ -212,7 +223,7 @@ class Daemon:
                 last_beat = now
                 self.sessions.heartbeat()
             self.relays.expire(now)
-            if not self.in_flight or now - self.batch_started < STALLED_FORWARD_S:
+            if all(now - t0 < STALLED_FORWARD_S for t0 in self.batch_started.values()):
                 self.notify(watchdog=True)      # a wedged forward stops the watchdog: restart us
 
     # -- replies ------------------------------------------------------------------------------

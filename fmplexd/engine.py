@@ -5,6 +5,9 @@ Callers add and remove tasks, admit requests, and drive the loop with three call
                                       backbone whose least-served task is due, of any family)
     outputs = engine.run(work)        in a worker thread: one forward of that backbone's executor
     deliveries = engine.finish(work, outputs, t0, t1)      messages for the tasks
+Several works may be out at once (the daemon's executor lanes): every call but `run` comes from
+one thread; a runner that is not `concurrent` (a decoder: each iteration continues the last) has
+at most one work out, and its backbone is passed over until that one finished.
 The engine owns no sockets and no clock: it returns Deliveries, and the daemon sends them.
 One Scheduler holds the tasks of all backbones (one group per backbone, priced by measured
 throughput), so a task's weight is its share of the device whatever its family.
@@ -35,6 +38,7 @@ class Engine:
                                            for name, bb in backbones.items()}
         self._prices: dict[str, float] = {}
         self._batches: dict[str, int] = {}
+        self._out: dict[str, int] = {}             # backbone -> works formed, not yet finished
         self._device_s: dict[int, float] = {}      # session -> forward time of its work
 
     # -- backbones ------------------------------------------------------------------------------
@@ -118,9 +122,13 @@ class Engine:
         """The next unit of work (None if there is nothing to run) and the timeouts found."""
         late: list[Delivery] = []
         for group in self._due(now):
-            work = self.runners[group].form(self.scheduler, group, now)
+            runner = self.runners[group]
+            if self._out.get(group) and not runner.concurrent:
+                continue
+            work = runner.form(self.scheduler, group, now)
             late += _timeouts(work.expired) if work is not None else []
             if work is not None and work.items:
+                self._out[group] = self._out.get(group, 0) + 1
                 return work, late
             if work is not None:
                 work.runner.release(work)
@@ -136,6 +144,7 @@ class Engine:
         work.runner.release(work)
         deliveries = work.runner.finish(work, outputs, t0, t1)
         group = work.batch.group
+        self._out[group] -= 1
         self._batches[group] = self._batches.get(group, 0) + 1
         self._account(work, t1 - t0)
         self._reprice()

@@ -10,7 +10,6 @@ client request."""
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 
 from bench.servebench.plan import REFS
@@ -30,7 +29,8 @@ class Fmplex:
         self.tasks: list[TaskDef] = []
         self.client = None
         self.threads = threads
-        self.daemon_threads = threads or max(1, (os.cpu_count() or 2) - 1)
+        from fmplexd.config import load_config
+        self.lanes, self.daemon_threads = load_config(self.daemon.config_path).lanes_and_threads()
 
     def start(self) -> "Fmplex":
         self.daemon.start()
@@ -104,9 +104,10 @@ class Fmplex:
 
     def describe(self) -> str:
         """serve.json's placement of fmplex: threads, task processes, and the batch sizing."""
-        return (f"fmplexd with {self.daemon_threads} torch thread(s) "
-                f"({'--daemon-threads' if self.threads else 'its default: cores - 1'}), "
-                f"task processes unpinned; one shared backbone region; {self._batch_sizing()}")
+        return (f"fmplexd with {self.lanes} executor lane(s) of {self.daemon_threads} torch "
+                f"thread(s) each (from its config; by default one lane of one thread per core), "
+                f"task processes unpinned (nicer than the daemon, in cgroups where the host "
+                f"allows); one shared backbone region; {self._batch_sizing()}")
 
     def _batch_sizing(self) -> str:
         """The daemon's batch sizing: from the config it runs with (batch_target_ms,

@@ -148,6 +148,8 @@ class Work:
 class Runner(Protocol):
     backbone: Backbone
     accepts: frozenset[type]           # the request messages this family serves
+    concurrent: bool                   # several of its works may run at once (executor lanes);
+                                       # False: the next is formed after the last one finished
 
     def admit(self, task: TaskRef, msg: Message, now: float, deadline: float) -> Request: ...
     def form(self, scheduler: Scheduler, group: Hashable, now: float) -> Work | None: ...

@@ -36,6 +36,7 @@ def bare_view() -> ExtensionView:
 class BatchRunner:
     accepts: frozenset[type] = frozenset()
     outputs: frozenset[Output] = frozenset()
+    concurrent = True                  # batches are independent: lanes may run several at once
 
     def __init__(self, backbone: Backbone, budget: int, max_requests: int,
                  batch_target_s: float = 0.0):

@@ -76,6 +76,7 @@ class Sequence:
 
 class DecoderRunner:
     accepts = frozenset({Generate})
+    concurrent = False                 # an iteration reads the state the previous one left
 
     def __init__(self, backbone: Backbone, settings):
         cfg = backbone.config
