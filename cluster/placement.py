@@ -330,7 +330,8 @@ class _Greedy:
         best, best_gain = None, self.params.move_cost
         src.remove(t, t.memory, self.tasks)
         for dst in self.hosts.values():
-            if dst is src or t.backbone not in dst.backbones or not dst.fits(t, t.memory, self.params):
+            if dst is src or t.backbone not in dst.backbones or \
+                    not dst.fits(t, t.memory, self.params):
                 continue
             old = dst.backlog()
             dst.add(t, t.memory, False)
