@@ -57,7 +57,7 @@ def evaluate(plan, tasks, hosts):
     return out
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(fleets())
 def test_every_constraint_holds(case):
     tasks, hosts, current = case
@@ -82,7 +82,7 @@ def test_every_constraint_holds(case):
                                   if len(plan.placement.get(t.name, ())) < t.replicas}
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(fleets())
 def test_the_moves_are_exactly_the_difference(case):
     tasks, hosts, current = case
@@ -108,7 +108,7 @@ def settle(plan, hosts):
             for h in hosts]
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(fleets())
 def test_a_running_placement_that_fits_is_kept_when_moves_cost_too_much(case):
     tasks, hosts, current = case
@@ -122,7 +122,7 @@ def test_a_running_placement_that_fits_is_kept_when_moves_cost_too_much(case):
         assert m.source is None or m.source in plan.overloaded, m
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(fleets(), st.data())
 def test_losing_a_host_moves_only_its_replicas(case, data):
     tasks, hosts, _ = case
@@ -135,7 +135,7 @@ def test_losing_a_host_moves_only_its_replicas(case, data):
     assert all(m.source is None for m in after.moves)      # nothing is taken from a survivor
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(fleets())
 def test_a_running_replica_stops_only_when_its_task_has_its_replicas_elsewhere(case):
     tasks, hosts, current = case
@@ -149,14 +149,15 @@ def test_a_running_replica_stops_only_when_its_task_has_its_replicas_elsewhere(c
             assert len(plan.placement.get(m.task, ())) >= t.replicas, m
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(fleets())
 def test_the_plan_is_deterministic(case):
     tasks, hosts, current = case
-    assert place(tasks, hosts, current, SIZES) == place(list(reversed(tasks)), hosts, current, SIZES)
+    again = place(list(reversed(tasks)), hosts, current, SIZES)
+    assert place(tasks, hosts, current, SIZES) == again
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(fleets(), st.sampled_from(sorted(SIZES)))
 def test_a_quiet_new_task_goes_where_its_backbone_is_held(case, backbone):
     """Sharing-aware: a new task with no load joins a host that holds its backbone whenever one
@@ -193,7 +194,8 @@ def test_sharing_one_copy_hosts_five_times_the_tasks_of_private_copies():
 def test_quiet_tasks_spread_over_the_hosts_that_hold_their_backbone():
     hosts = [HostSpec(f"n{i}", memory=64 * UNIT, held={"A": SIZES["A"]}) for i in range(3)]
     plan = place([TaskDemand(f"t{i}", "A", memory=UNIT) for i in range(6)], hosts)
-    assert sorted(len([t for t, hs in plan.placement.items() if h.name in hs]) for h in hosts) == [2, 2, 2]
+    per_host = [sum(h.name in hs for hs in plan.placement.values()) for h in hosts]
+    assert per_host == [2, 2, 2]
     assert plan.unplaced == ()
 
 
