@@ -247,8 +247,6 @@ def test_a_hot_task_gains_a_replica_and_a_cold_one_loses_it(lc):
             x.stop.set()
         for x in loads:
             x.join(30)
-    print("SLOW", [(round(s - scaled, 2), round(l, 2)) for x in loads for s, l in x.latencies if l > 1.0])
-    print("SPREAD", spread, "scaled", scaled - start)
     assert set(two.placement["hot"]) > set(one)
     assert all(spread[h] > 30 for h in two.placement["hot"]), spread     # both replicas serve
     before = [lat for x in loads for s, lat in x.latencies if start + 1 <= s < scaled]
