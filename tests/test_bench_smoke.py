@@ -18,6 +18,7 @@ BENCHES = {
     "chaos": ("chaos.json", {"summary", "tasks", "kills"}),
     "fuzz": ("fuzz.json", {"sockets", "check"}),
     "task_memory": ("task_memory.json", {"levels", "pass"}),
+    "cluster_chaos": ("cluster_chaos.json", {"summary", "tasks", "rounds"}),
 }
 
 
@@ -55,5 +56,9 @@ def test_quick_run_writes_json_and_prints_a_table_last(name, tmp_path):
         s = data["summary"]
         assert s["kills"] > 0 and s["lost"] == s["hung"] == s["wrong"] == 0 and \
             s["daemon_exit"] == 0, s
+    if name == "cluster_chaos":                              # a host killed and replaced
+        s = data["summary"]
+        assert s["kills"] > 0 and s["lost"] == s["hung"] == s["wrong"] == 0 and \
+            s["processes_left"] == 0 and s["replaced_s_max"] is not None, s
     if name == "fuzz":
         assert data["check"]["passed"], data["check"]["why"]
