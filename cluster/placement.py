@@ -5,9 +5,11 @@ the simulator (bench/cluster_sim.py) with a trace, the hypothesis tests with any
 
 Inputs
     tasks      TaskDemand: name, backbone, rate (requests/s), cost_s (device-seconds one request
-               takes on a speed-1 device), memory (bytes a replica needs on a host: its extension
-               slot and its task process), slo_s (p99 latency objective), replicas (distinct
-               hosts wanted).
+               takes on a speed-1 device, batching included), latency_s (its own service time on
+               an idle speed-1 device; default cost_s), chunk_s (the longest it holds a device
+               without yielding: a batch, or one decoder iteration; default cost_s), memory (bytes
+               a replica needs on a host: its extension slot and its task process), slo_s (p99
+               latency objective), replicas (distinct hosts wanted).
     hosts      HostSpec: name, devices, speed, memory (bytes offered to fmplex), held (backbones it
                holds now: name -> bytes, already counted in its memory), can_load (whether a
                backbone it does not hold may be loaded there), background (utilization not caused
@@ -18,16 +20,20 @@ Inputs
 Model. A replica of task t on host h serves rate_t / replicas_t requests per second, each taking
 cost_t / speed_h seconds of one of its devices. The host is one queue of capacity devices x speed:
     utilization  rho_h = background_h + sum_t (rate_t / replicas_t) x cost_t / (devices_h x speed_h)
-    p99 latency  p99_h = s_max x (1 + ln(100 rho_h) / (1 - rho_h))  (for rho_h > 0.01: the slowest
-                 request's service time s_max plus the 99th percentile of the wait of an M/M/1 queue
-                 whose service time is s_max, P(W > x) = rho e^(-(1-rho) x / s_max): conservative,
-                 and monotone, so a set of replicas that fits a host fits in any order)
+    wait (p99)   W_h = chunk_max / (1 - rho_h) for rho_h > 0.01, else 0: the longest stretch
+                 any of its work holds the device without yielding (chunk_max: a batch, or one
+                 decoder iteration), stretched as the load grows like an M/M/1 queue's (a batching
+                 server takes every waiting request into its next step, so waits grow with the
+                 step, not with the number queued, until the device saturates)
+    p99 latency  of task t: latency_t / speed_h + W_h
     backlog      n_h = (rho_h - background_h) / (1 - rho_h): the mean number of its requests waiting
                  or in service (Little's law: rate x mean M/M/1 sojourn).
 A host with several devices is approximated by one queue of their summed speed.
 Constraints, on every host: the memory of the backbones it holds or loads plus its replicas' memory
-fits its memory; rho_h <= max_utilization; p99_h <= the smallest slo_s among its tasks; a task's
-replicas are on distinct hosts, and only on hosts that hold (or load) its backbone.
+fits its memory; rho_h <= max_utilization; every task's p99 latency <= its slo_s; a task's
+replicas are on distinct hosts, and only on hosts that hold (or load) its backbone. Both limits
+grow monotonically with what shares a host, so a set of replicas that fits fits in any order.
+(bench/cluster_sim.py checks the model against simulated latencies.)
 
 Objective, lexicographic: (1) the most tasks with at least one replica, (2) the most replicas,
 (3) the least cost = sum_h backlog_h + move_cost x (replicas of already-running tasks that start on
@@ -42,12 +48,13 @@ spreads backbone b's load over k_b = ceil(demand_b / (u x a host's capacity)) co
 sum of rate x cost of its tasks). For each split:
   1. keep the running replicas that still fit (on a host where they do not all fit any more,
      the most demanding first);
-  2. place each missing replica, tasks by decreasing demand_b then demand (popularity x cost), on
-     the host with the lowest utilization after it among the hosts holding its backbone that fit it
-     (sharing-aware: a held copy costs no memory); while b has fewer than k_b copies, hosts that
-     could load a new copy compete too (ties go to holders, then to the host with fewer tasks);
-     if no holder fits, a new copy goes on the least utilized host that can load it; else the
-     replica stays unplaced;
+  2. place each missing replica, tasks by decreasing demand_b then demand (popularity x cost),
+     among the hosts holding its backbone that fit it (sharing-aware: a held copy costs no
+     memory), on the one whose longest hold of the device it lengthens least (slow work joins
+     slow work, so quick tasks with tight SLOs keep hosts where they fit), then the lowest
+     utilization after it; while b has fewer than k_b copies, hosts that could load a new copy
+     compete too (ties go to holders, then to the host with fewer tasks); if no holder fits, a
+     new copy goes where it would be chosen among those; else the replica stays unplaced;
   3. a task still short of replicas keeps its running replicas that did not fit (overloaded);
   4. relocate a kept replica when that lowers the backlog by more than move_cost (bounded
      passes), then place what the room they left lets step 2 place.
@@ -71,6 +78,16 @@ class TaskDemand:
     memory: int = 0              # bytes one replica needs on its host
     slo_s: float = 10.0          # p99 latency objective
     replicas: int = 1            # distinct hosts wanted
+    latency_s: float = 0.0       # own service time on an idle speed-1 device (0: cost_s)
+    chunk_s: float = 0.0         # longest hold of a device without yielding (0: cost_s)
+
+    @property
+    def own_s(self) -> float:
+        return self.latency_s or self.cost_s
+
+    @property
+    def hold_s(self) -> float:
+        return self.chunk_s or self.cost_s
 
     @property
     def demand(self) -> float:
@@ -124,32 +141,32 @@ class Plan:
 class _Host:
     """A host's running totals while a plan is built."""
 
-    __slots__ = ("spec", "backbones", "used", "work", "s_max", "slo", "tasks")
+    __slots__ = ("spec", "backbones", "used", "work", "chunk", "slack", "tasks")
 
     def __init__(self, spec: HostSpec):
         self.spec = spec
         self.backbones = set(spec.held)
         self.used = sum(spec.held.values())
         self.work = 0.0                 # device-seconds per second of its replicas
-        self.s_max = 0.0                # slowest request's service time
-        self.slo = math.inf
+        self.chunk = 0.0                # longest hold of the device, at this host's speed
+        self.slack = math.inf           # min over its tasks of slo - own latency
         self.tasks: list[str] = []
 
     def state(self) -> tuple:
-        return set(self.backbones), self.used, self.work, self.s_max, self.slo, list(self.tasks)
+        return set(self.backbones), self.used, self.work, self.chunk, self.slack, list(self.tasks)
 
     def restore(self, state: tuple) -> None:
-        backbones, self.used, self.work, self.s_max, self.slo, tasks = state
+        backbones, self.used, self.work, self.chunk, self.slack, tasks = state
         self.backbones, self.tasks = set(backbones), list(tasks)
 
     def rho(self, work: float = 0.0) -> float:
         return self.spec.background + (self.work + work) / self.spec.capacity
 
-    def p99(self, work: float, s: float) -> float:
-        rho, s_max = self.rho(work), max(self.s_max, s)
+    def wait99(self, work: float = 0.0, chunk: float = 0.0) -> float:
+        rho = self.rho(work)
         if rho >= 1.0:
             return math.inf
-        return s_max * (1 + (math.log(100 * rho) / (1 - rho) if rho > 0.01 else 0.0))
+        return max(self.chunk, chunk) / (1 - rho) if rho > 0.01 else 0.0
 
     def backlog(self) -> float:
         rho = self.rho()
@@ -161,15 +178,16 @@ class _Host:
         work = t.demand / t.replicas
         if self.rho(work) > params.max_utilization:
             return False
-        return self.p99(work, t.cost_s / self.spec.speed) <= min(self.slo, t.slo_s)
+        own = t.slo_s - t.own_s / self.spec.speed
+        return self.wait99(work, t.hold_s / self.spec.speed) <= min(self.slack, own)
 
     def add(self, t: TaskDemand, bytes_needed: int, backbone_added: bool) -> None:
         if backbone_added:
             self.backbones.add(t.backbone)
         self.used += bytes_needed
         self.work += t.demand / t.replicas
-        self.s_max = max(self.s_max, t.cost_s / self.spec.speed)
-        self.slo = min(self.slo, t.slo_s)
+        self.chunk = max(self.chunk, t.hold_s / self.spec.speed)
+        self.slack = min(self.slack, t.slo_s - t.own_s / self.spec.speed)
         self.tasks.append(t.name)
 
     def remove(self, t: TaskDemand, bytes_freed: int, all_tasks: Mapping[str, TaskDemand]) -> None:
@@ -177,8 +195,8 @@ class _Host:
         self.used -= bytes_freed
         self.work -= t.demand / t.replicas
         left = [all_tasks[n] for n in self.tasks]
-        self.s_max = max((x.cost_s / self.spec.speed for x in left), default=0.0)
-        self.slo = min((x.slo_s for x in left), default=math.inf)
+        self.chunk = max((x.hold_s / self.spec.speed for x in left), default=0.0)
+        self.slack = min((x.slo_s - x.own_s / self.spec.speed for x in left), default=math.inf)
 
 
 def place(tasks: Sequence[TaskDemand], hosts: Sequence[HostSpec],
@@ -294,18 +312,21 @@ class _Greedy:
     def _place_one(self, t: TaskDemand, spread: dict[str, int]) -> bool:
         """Place one more replica of t (step 2); False if no host can take it."""
         work = t.demand / t.replicas
-        options = [(h.rho(work), 0, len(h.tasks), h.spec.name, h, t.memory)
-                   for h in self.hosts.values()
+
+        def option(h: _Host, new_copy: int, need: int) -> tuple:
+            longer = max(0.0, t.hold_s / h.spec.speed - h.chunk) if h.tasks else 0.0
+            return longer, h.rho(work), new_copy, len(h.tasks), h.spec.name, h, need
+
+        options = [option(h, 0, t.memory) for h in self.hosts.values()
                    if t.backbone in h.backbones and h.fits(t, t.memory, self.params)]
         copies = sum(1 for h in self.hosts.values() if t.backbone in h.backbones)
         if not options or copies < spread[t.backbone]:
             size = self.sizes.get(t.backbone, 0)
-            options += [(h.rho(work), 1, len(h.tasks), h.spec.name, h, size + t.memory)
-                        for h in self._copy_candidates(t.backbone)
+            options += [option(h, 1, size + t.memory) for h in self._copy_candidates(t.backbone)
                         if h.fits(t, size + t.memory, self.params)]
         if not options:
             return False
-        *_, h, need = min(options, key=lambda o: o[:4])
+        *_, h, need = min(options, key=lambda o: o[:5])
         self._assign(h, t, need)
         return True
 
