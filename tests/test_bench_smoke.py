@@ -19,6 +19,7 @@ BENCHES = {
     "fuzz": ("fuzz.json", {"sockets", "check"}),
     "task_memory": ("task_memory.json", {"levels", "pass"}),
     "cluster_chaos": ("cluster_chaos.json", {"summary", "tasks", "rounds"}),
+    "cluster_sim": ("cluster_sim.json", {"fleets", "sensitivity", "goals"}),
 }
 
 
@@ -60,5 +61,8 @@ def test_quick_run_writes_json_and_prints_a_table_last(name, tmp_path):
         s = data["summary"]
         assert s["kills"] > 0 and s["lost"] == s["hung"] == s["wrong"] == 0 and \
             s["processes_left"] == 0 and s["replaced_s_max"] is not None, s
+    if name == "cluster_sim":                                # every policy placed something
+        for fleet in data["fleets"].values():
+            assert all(v > 0 for v in fleet["best"].values()), fleet["best"]
     if name == "fuzz":
         assert data["check"]["passed"], data["check"]["why"]
