@@ -58,7 +58,7 @@ class HostAgent:
         self.ports = ports
         self._reserved: set[int] = set()
         self.spec_dir = os.path.join(state_dir, "specs")
-        os.makedirs(self.spec_dir, mode=0o700, exist_ok=True)
+        os.makedirs(self.spec_dir, mode=0o755, exist_ok=True)   # task processes (owners) read them
         self.memory_bytes = memory_bytes or os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         self._counts: dict[str, collections.deque] = {}     # task -> (time, pid, requests)
         self._lock = threading.Lock()
