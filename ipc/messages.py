@@ -587,7 +587,7 @@ class RouteEndpoint:
     """One serving replica of a task: the tcp:// endpoint of its task process on one host."""
     host: Annotated[str, NAME]                    # the host's name (its Ray node label value)
     address: Annotated[str, Str(512, 1)]          # tcp://HOST:PORT of the task's endpoint
-    server_key: Annotated[str, Str(40, 40)]       # that task process's CURVE public key (Z85)
+    server_key: Annotated[str, Str(64, 1)]        # that task process's CURVE public key (Z85)
     load: Annotated[float, Float(0, 1e6)] = 0.0   # the host's recent utilization (a hint)
 
 
