@@ -20,9 +20,9 @@ Every tick (config.tick_s) one reconcile, a few named steps:
 Restart: the actor's process may die or be killed at any time; Ray starts it again and __init__
 runs anew. The durable part (deploys, replicas wanted, the table's version and digest) is in the
 GCS (cluster/store.py); everything else is rebuilt from the agents, which live on. Nothing is
-placed and no table is published until every live host has reported once, so a restarted
-controller starts from the whole picture: if the cluster was as it should be, it deploys nothing,
-removes nothing, and publishes the same table under the same version.
+placed and no table is published until every live host has answered once (STARTUP_WAIT_S at
+most), so a restarted controller starts from the whole picture: if the cluster was as it should
+be, it deploys nothing, removes nothing, and publishes the same table under the same version.
 
 Operator commands (deploy, remove, status) arrive on the service thread (cluster/service.py) and
 only change the desired state, under a lock; the next tick does the rest.
@@ -54,6 +54,7 @@ log = logging.getLogger("fmplex.cluster.controller")
 DRAIN_S = 2.5                    # > the clients' route cache (fmplex.routing.ROUTE_TTL_S)
 DEPLOY_BACKOFF_S = 5.0           # after a failed deploy, before the task is placed again
 SETTLE_S = 10.0                  # a finished deploy or removal counts until a report shows it
+STARTUP_WAIT_S = 20.0            # a (re)started controller waits this long at most for every host
 PLACED_STATES = (TaskState.READY, TaskState.WAITING, TaskState.DEAD)   # DEAD: fmplexd restarts it
 MIN_TASK_BYTES = 16 << 20        # a task process and its slot, when nothing better is known
 
@@ -107,6 +108,8 @@ class Controller:
         self.agents: dict[str, object] = {}
         self.reports: dict[str, HostReport] = {}
         self.asked: dict[str, object] = {}                    # host -> report call in flight
+        self.heard: set[str] = set()                          # hosts whose report call ended
+        self.started = time.monotonic()
         self.deploying: dict[tuple[str, str], object] = {}    # (task, host) -> deploy call
         self.draining: dict[tuple[str, str], float] = {}      # (task, host) -> remove at
         self.settling: dict[tuple[str, str], tuple[bool, float]] = {}   # -> (present, until)
@@ -180,9 +183,10 @@ class Controller:
         now = time.monotonic()
         nodes = membership.live_hosts(self.config.host_label)
         self._observe(nodes)
-        if not self.ready:
-            if any(h not in self.reports for h in nodes):
-                return                                   # wait for the whole picture
+        if not self.ready:                               # wait for the whole picture (a host
+            patience = now - self.started < STARTUP_WAIT_S  # silent that long counts as lost)
+            if patience and any(h not in self.heard for h in nodes):
+                return
             self.ready = True
         self._settle()
         with self._lock:
@@ -212,6 +216,7 @@ class Controller:
             if ref not in done:
                 continue
             del self.asked[host]
+            self.heard.add(host)
             try:
                 self.reports[host] = ray.get(ref)
             except ray.exceptions.RayActorError:

@@ -13,7 +13,8 @@ Requests never go through the controller: it only tells where a task runs. Contr
   A task the cluster does not know raises UnknownTask; one with no serving replica yet is waited
   for with a long poll, within the call's deadline. The controller being away (restarting) does
   not stop traffic: a refresh that gets no answer within REFRESH_TIMEOUT_S keeps the cached
-  route for another ROUTE_TTL_S.
+  route for another ROUTE_TTL_S, and a query without a cached route is resent every RESEND_S
+  (one sent to a controller that died before answering is lost) until the deadline.
 - Spreading: power of two choices. Of two replicas drawn at random, the call goes to the one with
   fewer calls in flight from this client; on a tie (a one-thread client never has any) to the
   clearly better one by (1 + its host's load as last reported) x its latency EWMA (less than
@@ -53,6 +54,7 @@ DECAY_S = 2.0                    # half-life of a latency estimate that is not r
 SLOWER = 2.0                     # a replica this many times slower loses a tie
 RETRY_RESERVE_S = 1.0            # of a deadline, kept for the call itself after waiting for a route
 REFRESH_TIMEOUT_S = 0.5          # a refresh of a cached route waits no longer for the service
+RESEND_S = 1.0                   # a route query unanswered this long (beyond its wait) is resent
 T = TypeVar("T")
 
 
@@ -174,11 +176,19 @@ class Router:
     def _query(self, task: str, deadline: float, avoid: tuple[str, ...],
                wait: bool) -> list[RouteEndpoint]:
         left = deadline - time.monotonic()
-        budget = max(left - min(RETRY_RESERVE_S, left / 2), 0.1)   # the rest is for the call
-        wait_s = min(max(budget - 0.25, 0.0), 60.0) if wait else 0.0   # answered before budget
-        table: RouteTable = self.request(       # (a service that is away may be back in time)
-            RouteQuery(ref=self.ref(), tasks=[task], wait_ms=int(wait_s * 1000), avoid=list(avoid)),
-            timeout_s=min(wait_s + 2.0, budget) if wait else budget)
+        end = time.monotonic() + max(left - min(RETRY_RESERVE_S, left / 2), 0.1)  # rest: the call
+        while True:                         # a query is idempotent: asked again when its answer
+            budget = end - time.monotonic()   # does not come (a restarting controller loses it)
+            wait_s = min(max(budget - 0.25, 0.0), 60.0) if wait else 0.0
+            try:
+                table: RouteTable = self.request(
+                    RouteQuery(ref=self.ref(), tasks=[task], wait_ms=int(wait_s * 1000),
+                               avoid=list(avoid)),
+                    timeout_s=max(min(wait_s + RESEND_S, budget), 0.05))
+                break
+            except DaemonUnavailable:
+                if time.monotonic() >= end - 0.05:
+                    raise
         route = next((r for r in table.routes if r.task == task), None)
         if route is None:
             raise UnknownTask(ErrorCode.UNKNOWN_TASK, f"the cluster runs no task {task}")

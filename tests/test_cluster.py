@@ -153,7 +153,10 @@ def test_a_restarted_controller_rebuilds_its_view_and_changes_nothing(lc):
     for load in loads:
         load.start()
     try:
+        killed = time.monotonic()
         lc.restart_controller()                                # Ray restarts it: __init__ anew
+        lc.wait(lambda s: s.pid != before.pid and s.ready, 60, "a new controller is ready")
+        ready_s = time.monotonic() - killed
         after = lc.wait(lambda s: s.pid != before.pid and s.ready and s.ticks >= 8, 60,
                         "a new controller process settled")
     finally:
@@ -161,6 +164,7 @@ def test_a_restarted_controller_rebuilds_its_view_and_changes_nothing(lc):
             load.stop.set()
         for load in loads:
             load.join(30)
+    assert ready_s < 20
     assert (after.deploys, after.removes) == (0, 0)
     assert after.version == before.version
     assert after.placement == before.placement
