@@ -25,13 +25,13 @@ import os
 import shutil
 import time
 
-from testkit.raycluster import LocalCluster  # first: sets Ray's environment before Ray loads
-from bench import common
 import numpy as np
 
+from bench import common
 from ipc.messages import ClusterDeploy
 from testkit.cluster_load import TaskLoad, references
 from testkit.launch import short_tmpdir, write_spec
+from testkit.raycluster import LocalCluster      # sets Ray's environment (before Ray loads)
 from testkit.tiny import write_random_lora, write_tiny
 
 HOSTS = ["n0", "n1", "n2"]

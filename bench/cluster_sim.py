@@ -46,7 +46,8 @@ def run_point(fleet, n: int, min_rate: float, duration: float, seed: int) -> dic
         dep = policy(fleet, tasks)
         results = simulate(dep, fleet, trace, warmup_s=min(5.0, duration / 10))
         point[dep.policy] = {"placed": len(results), "within_slo": within_slo(results),
-                             "unplaced": dep.unplaced, "seconds": round(time.monotonic() - started, 1)}
+                             "unplaced": dep.unplaced,
+                             "seconds": round(time.monotonic() - started, 1)}
     return point
 
 
@@ -88,7 +89,7 @@ def plot(out: str, results: dict) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2), squeeze=False)
-    for ax, (name, res) in zip(axes[0], results.items()):
+    for ax, (name, res) in zip(axes[0], results.items(), strict=True):
         offered = [p["offered"] for p in res["points"]]
         for policy in res["best"]:
             ax.plot(offered, [p[policy]["within_slo"] for p in res["points"]], marker="o",
@@ -126,7 +127,8 @@ def report(args, out: str, results: dict, sensitivity: dict, plots: list[str]) -
                               b["fmplex"], f"{ratio(b, 'fmplex', 'one instance per task'):.1f}x",
                               f"{ratio(b, 'fmplex', 'MuxServe-style'):.1f}x"])
     from bench.clustersim import fleet as sources
-    figures = {k: v for k, v in vars(sources).items() if k.isupper() and isinstance(v, (int, float))}
+    figures = {k: v for k, v in vars(sources).items()
+               if k.isupper() and isinstance(v, (int, float))}
     common.write_json(out, "cluster_sim.json", {
         "args": vars(args), "figures": figures, "fleets": results,
         "sensitivity": {f: {str(r): b for r, b in s.items()} for f, s in sensitivity.items()},

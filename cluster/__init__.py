@@ -10,7 +10,11 @@ to them directly.
     controller.py  the controller: reconciles desired and actual placement (a detached Ray actor)
     service.py     the controller's routing and operator socket (tcp:// + CURVE)
     agent.py       one per host: drives the local fmplexd over its control socket, reports load
-    ...
+    membership.py  hosts from Ray's live nodes and their label; the agents as actors
+    store.py       the controller's durable state in Ray's GCS
+    config.py      cluster.toml; specs.py a host's task spec; reports.py what agents report
+    launch.py      start / find / stop the controller (`python -m cluster`, __main__.py)
 
-Only placement.py, autoscale.py and the plain data modules import without Ray installed.
+Only controller.py, membership.py, store.py, launch.py and __main__.py import Ray; the policies,
+the service, the agent and the plain data modules do not (they are tested without it).
 """

@@ -28,8 +28,9 @@ class TaskLoad(threading.Thread):
     def __init__(self, client, task: str, reference: np.ndarray | None, rate: float,
                  deadline_s: float = 8.0, seed: int = 0, texts: list[str] = TEXTS):
         """client(): a new cluster Client (one per thread); reference: the embedding of each
-        text (None: only replies are counted, not compared); rate: calls per second (open loop
-        while replies are faster than 1/rate, else back to back)."""
+        text (None: only replies are counted, not compared); rate: calls per second, as Poisson
+        arrivals (open loop while replies come faster than the next arrival, else back to back;
+        many threads do not fire in step)."""
         super().__init__(daemon=True)
         self.client, self.task, self.reference, self.period = client, task, reference, 1 / rate
         self.deadline_s, self.texts = deadline_s, texts
@@ -42,7 +43,8 @@ class TaskLoad(threading.Thread):
 
     def run(self) -> None:
         with self.client() as c:
-            next_t = time.monotonic()
+            next_t = time.monotonic() + self.rng.expovariate(1 / self.period)
+            self.stop.wait(max(0.0, next_t - time.monotonic()))
             while not self.stop.is_set():
                 i = self.rng.randrange(len(self.texts))
                 self.sent += 1
@@ -61,7 +63,7 @@ class TaskLoad(threading.Thread):
                 except FmplexError as e:
                     self.errors[e.code.value] += 1
                     self.failures.append((start, e.code.value))
-                next_t = max(next_t + self.period, time.monotonic())
+                next_t = max(next_t + self.rng.expovariate(1 / self.period), time.monotonic())
                 self.stop.wait(max(0.0, next_t - time.monotonic()))
 
     @property

@@ -29,7 +29,8 @@ class _Group:
 
     def __init__(self, backbone, fleet: Fleet):
         self.decoder = backbone.kind == "decoder" and fleet.gpu
-        self.fixed, self.per_token = backbone.iteration() if self.decoder else backbone.cost(fleet.gpu)
+        cost = backbone.iteration() if self.decoder else backbone.cost(fleet.gpu)
+        self.fixed, self.per_token = cost
         self.limit = fleet.batch_limit(backbone)
         self.waiting: collections.deque = collections.deque()
         self.running: list[list[int]] = []        # [request, iterations left]

@@ -1,4 +1,4 @@
-"""Fleets, backbones and their costs for the cluster simulator, each figure with where it comes from.
+"""Fleets, backbones and their costs for the cluster simulator, each figure with its source.
 
 Measured in this project (docs/benchmarks.md, `python -m bench.serve`: all-MiniLM-L6-v2 on a
 2-core CPU like this machine's, one torch thread for the forward):

@@ -88,7 +88,8 @@ def one_instance(fleet: Fleet, tasks: list[SimTask]) -> Deployment:
     for t in sorted(tasks, key=lambda t: -t.rate):
         need = t.backbone.instance_bytes(fleet.gpu)
         for d in range(fleet.devices):
-            if used[d] + need <= fleet.device_bytes and _partition_ok(devices[d] + [t], units, fleet):
+            fits = used[d] + need <= fleet.device_bytes
+            if fits and _partition_ok(devices[d] + [t], units, fleet):
                 devices[d].append(t)
                 used[d] += need
                 break

@@ -49,7 +49,8 @@ def arrivals(tasks: list[SimTask], duration_s: float, seed: int) -> dict[str, tu
         k = rng.poisson(t.rate * duration_s)
         times = np.sort(rng.uniform(0.0, duration_s, size=k))
         if t.backbone.lognormal:
-            tokens = np.clip(np.round(rng.lognormal(np.log(t.backbone.tokens), 0.6, size=k)), 4, 128)
+            lengths = rng.lognormal(np.log(t.backbone.tokens), 0.6, size=k)
+            tokens = np.clip(np.round(lengths), 4, 128)
         else:
             tokens = np.full(k, t.backbone.tokens)
         out[t.name] = (times, tokens.astype(np.int64))
