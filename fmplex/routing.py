@@ -27,7 +27,8 @@ Requests never go through the controller: it only tells where a task runs. Contr
   asks the service again with a long poll that avoids the dead endpoint, so a task whose only host
   died is retried as soon as the controller serves it elsewhere. A second failure, or none in
   time, raises the typed error. Inference is a pure function of its input, so a retry is safe;
-  the caller still gets exactly one reply.
+  the caller still gets exactly one reply. The failed endpoint is passed over by later calls for
+  SUSPECT_S while another replica serves.
 - Never a hang: task links use ZMTP heartbeats (HEARTBEAT_MS), so a host that vanished without
   closing its connections shows as a disconnect, not as silence until the deadline.
 
@@ -55,6 +56,8 @@ SLOWER = 2.0                     # a replica this many times slower loses a tie
 RETRY_RESERVE_S = 1.0            # of a deadline, kept for the call itself after waiting for a route
 REFRESH_TIMEOUT_S = 0.5          # a refresh of a cached route waits no longer for the service
 RESEND_S = 1.0                   # a route query unanswered this long (beyond its wait) is resent
+SUSPECT_S = 3.0                  # an endpoint that failed is passed over this long (while others
+                                 # serve; the controller drops a lost host's in about 1.5 s)
 T = TypeVar("T")
 
 
@@ -124,6 +127,7 @@ class Router:
         self._service: zmq.Socket | None = None
         self._routes: dict[str, _Route] = {}
         self._links: dict[tuple[str, str], Link] = {}
+        self._suspect: dict[str, float] = {}            # endpoint address -> passed over until
         self._refs = itertools.count(1)
 
     def close(self) -> None:
@@ -222,6 +226,9 @@ class Router:
             except (TaskUnavailable, DaemonUnavailable):
                 self._drop(ep)
                 self._routes.pop(task, None)                 # ask the service again
+                now = time.monotonic()
+                self._suspect = {a: t for a, t in self._suspect.items() if t > now}
+                self._suspect[ep.address] = now + SUSPECT_S
                 tried += (ep.address,)
                 if len(tried) > 1 or time.monotonic() >= deadline:
                     raise
@@ -234,6 +241,9 @@ class Router:
 
     def _choose(self, task: str, deadline: float, avoid: tuple[str, ...]) -> RouteEndpoint:
         endpoints = self.route(task, deadline, avoid)
+        now = time.monotonic()
+        trusted = [e for e in endpoints if self._suspect.get(e.address, 0.0) <= now]
+        endpoints = trusted or endpoints
         if not endpoints:
             raise TaskUnavailable(ErrorCode.TASK_UNAVAILABLE,
                                   f"no serving replica of {task} within the deadline")
@@ -244,7 +254,6 @@ class Router:
         ra, rb = stats.setdefault(a.address, _Replica()), stats.setdefault(b.address, _Replica())
         if ra.in_flight != rb.in_flight:
             return a if ra.in_flight < rb.in_flight else b
-        now = time.monotonic()
         la, lb = ra.latency(now), rb.latency(now)
         measured = la > 0 and lb > 0
         ca, cb = (1 + a.load) * (la if measured else 1), (1 + b.load) * (lb if measured else 1)
