@@ -15,8 +15,9 @@ be 0); lost = sent - answered - errors - wrong - hung (must be 0).
 
 A round: kill n1 or n2 (alternating), measure detection (kill -> the controller no longer counts
 the host), re-placement (kill -> every task of that host serves elsewhere, in the controller's
-routes) and recovery (kill -> each of those tasks answered a call again), let traffic run
---settle s, then add a fresh host under the same name and wait until the controller counts it.
+routes) and recovery (kill -> each of those tasks answered a call sent after the kill), let
+traffic run --settle s, then add a fresh host under the same name and wait until the controller
+counts it ("host back": from the end of its start, fmplexd up and Ray node added).
 Table printed last; JSON under --out.
 """
 from __future__ import annotations
@@ -79,7 +80,7 @@ def one_round(lc: LocalCluster, host: str, loads: dict[str, TaskLoad], settle_s:
     deadline = time.monotonic() + 60
     while len(recovered) < len(victims) and time.monotonic() < deadline:
         for v in victims:
-            ok = [s for s, _ in list(loads[v].latencies) if s >= killed]
+            ok = [s + lat for s, lat in list(loads[v].latencies) if s >= killed]   # answered at
             if v not in recovered and ok:
                 recovered[v] = min(ok) - killed
         time.sleep(0.05)
