@@ -11,6 +11,7 @@
     fmplex top [--interval S] [--once]   live per-task table
     fmplex info | health [TASK]
     fmplex bench NAME ...                a benchmark of a source checkout (python -m bench.NAME)
+    fmplex cluster deploy|remove|status|infer|keygen ...   a cluster of hosts (fmplex/cluster_cli.py)
 Every command takes --run-dir (default: FMPLEX_RUN_DIR or the daemon's default).
 Exit status: 0 ok, 1 request failed (typed error printed), 2 usage or set-up error.
 """
@@ -21,6 +22,7 @@ import json
 import os
 import sys
 
+from fmplex import cluster_cli
 from ipc.errors import FmplexError
 
 
@@ -192,6 +194,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_bench)
+    cluster_cli.add_parser(sub)
     return ap
 
 

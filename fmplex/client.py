@@ -12,9 +12,13 @@
             print(getattr(part, "text", ""), end="")
 
 Tasks are found by name through the daemon's control socket (Resolve), then each call goes to the
-task's own endpoint. Failures raise typed errors (ipc.errors): OverloadedError, RequestTimeout
-(also raised client-side when no reply comes within the timeout), TaskUnavailable /
-DaemonUnavailable (peer dead), UnknownTask, InvalidRequest, Unauthorized.
+task's own endpoint. Given a cluster (`Client(cluster="tcp://HOST:PORT", cluster_key=...,
+keypair=...)`), tasks are found through the cluster controller's routing service instead and
+calls go to the tcp:// + CURVE endpoints of their replicas (fmplex/routing.py: spreading over
+replicas, one failover on a lost host). Failures raise typed errors (ipc.errors):
+OverloadedError, RequestTimeout (also raised client-side when no reply comes within the
+timeout), TaskUnavailable / DaemonUnavailable (peer dead), UnknownTask, InvalidRequest,
+Unauthorized.
 `infer_many` pipelines several calls on one connection (batched calls).
 
 A call never hangs on a dead task: each task connection is watched by a ZeroMQ socket monitor; a
@@ -35,6 +39,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import recv_monitor_message
 
+from fmplex.routing import HEARTBEAT_MS, ClusterAccess, Router
 from ipc import transport
 from ipc.addresses import RunDir, default_run_dir
 from ipc.errors import (ErrorCode, FmplexError, ProtocolError, RequestTimeout, TaskUnavailable,
@@ -56,8 +61,10 @@ def _unavailable(task: str) -> TaskUnavailable:
 class _Link:
     """A task connection of the sync Client and what its monitor said last."""
 
-    def __init__(self, ctx: zmq.Context, address: str):
-        self.sock = transport.dealer(ctx, address, connect=False)
+    def __init__(self, ctx: zmq.Context, address: str, curve: tuple[bytes, bytes, bytes] | None = None,
+                 heartbeat_ms: int = 0):
+        self.sock = transport.dealer(ctx, address, connect=False, curve=curve,
+                                     heartbeat_ms=heartbeat_ms)
         self.monitor, self.connected = self.sock.get_monitor_socket(WATCHED), False
         self.sock.connect(address)               # after the monitor: it sees CONNECTED
 
@@ -114,13 +121,22 @@ def generate_request(ref: int, prompt: str | None = None, messages=None,
 
 
 class Client:
-    def __init__(self, run_dir: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S):
+    def __init__(self, run_dir: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 cluster: str | None = None, cluster_key: str = "",
+                 keypair: tuple[str, str] | None = None):
+        """cluster: the controller's service (tcp://HOST:PORT), its CURVE public key and this
+        client's key pair (Z85 public, secret); then tasks resolve through the cluster."""
         self.run_dir = RunDir(run_dir or default_run_dir())
         self.timeout_s = timeout_s
         self.ctx = zmq.Context()
         self._control: zmq.Socket | None = None
         self._tasks: dict[str, _Link] = {}
         self._refs = itertools.count(1)
+        self.router: Router | None = None
+        if cluster is not None:
+            access = ClusterAccess(cluster, cluster_key, *(keypair or ("", "")))
+            self.router = Router(self.ctx, access,
+                                 lambda address, curve: _Link(self.ctx, address, curve, HEARTBEAT_MS))
 
     def __enter__(self):
         return self
@@ -131,6 +147,8 @@ class Client:
     def close(self) -> None:
         for link in self._tasks.values():
             link.close()
+        if self.router is not None:
+            self.router.close()
         if self._control is not None:
             self._control.close(linger=0)
         self.ctx.term()
@@ -179,9 +197,16 @@ class Client:
                                                 timeout_s)], timeout_s)[0]
 
     def calls(self, task: str, msgs: list[Message], timeout_s: float) -> list[Message]:
-        """Send requests at once on the task's connection, collect the replies in order. Raises
-        the first error (typed) after all replies are in or the timeout passes."""
-        link = self._task_link(task)
+        """Send requests at once on the task's connection (in a cluster: a replica's, with one
+        failover), collect the replies in order. Raises the first error (typed) after all
+        replies are in or the timeout passes."""
+        if self.router is not None:
+            return self.router.call(task, timeout_s,
+                                    lambda link, left: self._calls_on(link, task, msgs, left))
+        return self._calls_on(self._task_link(task), task, msgs, timeout_s)
+
+    def _calls_on(self, link: "_Link", task: str, msgs: list[Message], timeout_s: float
+                  ) -> list[Message]:
         if not link.wait_connected(min(timeout_s, CONNECT_GRACE_S)):  # (old events: state only)
             raise _unavailable(task)
         for m in msgs:

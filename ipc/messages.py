@@ -847,6 +847,105 @@ class ChildExit(Message):
     code: Annotated[int, Int(-255, 255)]
 
 
+
+# ---------------------------------------------------------------- cluster routing
+# The cluster controller's service socket (tcp:// + CURVE; cluster/service.py): clients resolve
+# tasks to the replicas that serve them; operators deploy, remove and inspect cluster tasks.
+
+@dataclass(frozen=True, slots=True)
+class RouteEndpoint:
+    """One serving replica of a task: the tcp:// endpoint of its task process on one host."""
+    host: Annotated[str, NAME]                    # the host's name (its Ray node label value)
+    address: Annotated[str, Str(512, 1)]          # tcp://HOST:PORT of the task's endpoint
+    server_key: Annotated[str, Str(64, 1)]        # that task process's CURVE public key (Z85)
+    load: Annotated[float, Float(0, 1e6)] = 0.0   # the host's recent utilization (a hint)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    task: Annotated[str, NAME]
+    endpoints: Annotated[list[RouteEndpoint], ListOf(Struct(RouteEndpoint), 256)]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteQuery(Message):
+    """Ask for the routes of some tasks (all when `tasks` is empty). With wait_ms, a long poll:
+    the answer comes once every asked task has a serving endpoint not in `avoid` (the endpoints
+    the client just saw fail), or when wait_ms has passed, whichever is first."""
+    TYPE: ClassVar[str] = "route_query"
+    ref: Annotated[int, REF]
+    tasks: Annotated[list[str], ListOf(NAME, 4096)] = field(default_factory=list)
+    wait_ms: Annotated[int, Int(0, 60_000)] = 0
+    avoid: Annotated[list[str], ListOf(Str(512, 1), 256)] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteTable(Message):
+    """The routes asked for; `version` grows whenever any route of the cluster changes."""
+    TYPE: ClassVar[str] = "route_table"
+    ref: Annotated[int, REF]
+    version: Annotated[int, U64]
+    routes: Annotated[list[Route], ListOf(Struct(Route), 100_000)]
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterDeploy(Message):
+    """Operator -> controller: run a task somewhere in the cluster (answered `ok` once accepted).
+    rate, slo_ms and memory_bytes are placement inputs until the hosts report measured figures."""
+    TYPE: ClassVar[str] = "cluster_deploy"
+    ref: Annotated[int, REF]
+    spec: Annotated[str, Str(1 << 20, 1)]         # the task spec (TOML); [endpoint] tcp is assigned
+    spec_dir: Annotated[str, Str(4096)] = ""      # where relative paths in `spec` start
+    rate: Annotated[float, Float(0, 1e9)] = 0.0   # expected requests per second
+    slo_ms: Annotated[int, Int(0, 3_600_000)] = 0   # latency objective; 0 = the spec's deadline
+    min_replicas: Annotated[int, Int(1, 256)] = 1
+    max_replicas: Annotated[int, Int(1, 256)] = 1   # above min_replicas: replicas autoscale
+    memory_bytes: Annotated[int, U64] = 0         # extension size on a host; 0 = estimate
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterRemove(Message):
+    TYPE: ClassVar[str] = "cluster_remove"
+    ref: Annotated[int, REF]
+    name: Annotated[str, NAME]
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterStatus(Message):
+    TYPE: ClassVar[str] = "cluster_status"
+    ref: Annotated[int, REF]
+
+
+@dataclass(frozen=True, slots=True)
+class HostStatus:
+    name: Annotated[str, NAME]
+    alive: Annotated[bool, Bool()]
+    backbones: Annotated[list[str], ListOf(NAME, 64)]
+    memory_bytes: Annotated[int, U64]             # what the host offers
+    used_bytes: Annotated[int, U64]               # backbones and task slots
+    load: Annotated[float, Float(0, 1e6)]         # estimated utilization of its device(s)
+    tasks: Annotated[int, Int(0)]
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterTask:
+    name: Annotated[str, NAME]
+    backbone: Annotated[str, NAME]
+    replicas: Annotated[int, Int(0, 256)]         # wanted now (between min and max replicas)
+    hosts: Annotated[list[str], ListOf(NAME, 256)]   # where it serves
+    rate: Annotated[float, Float(0, 1e9)]         # measured requests per second, all replicas
+    p99_ms: Annotated[float, Float(0, 1e9)]       # worst replica's recent p99
+    slo_ms: Annotated[int, Int(0, 3_600_000)]
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterStatusReply(Message):
+    TYPE: ClassVar[str] = "cluster_status_reply"
+    ref: Annotated[int, REF]
+    version: Annotated[int, U64]                  # the route table's version
+    hosts: Annotated[list[HostStatus], ListOf(Struct(HostStatus), 4096)]
+    tasks: Annotated[list[ClusterTask], ListOf(Struct(ClusterTask), 100_000)]
+
 ALL_MESSAGES: tuple[type[Message], ...] = (
     Error, Ok, Hello, Welcome, Heartbeat,
     Register, Registered, Submit, Result, Generate, Tokens, Cancel, PrepareUpdate, UpdateReady,
@@ -857,4 +956,5 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     SubmitImages, SubmitSeries, InferImages, InferSeries, ForecastReply,
     OpenRegions, RegionsGranted,
     ZygoteReady, Spawn, Spawned, ChildExit,
+    RouteQuery, RouteTable, ClusterDeploy, ClusterRemove, ClusterStatus, ClusterStatusReply,
 )

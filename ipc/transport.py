@@ -69,13 +69,18 @@ def router(ctx: zmq.Context, address: str, *, hwm: int = DEFAULT_HWM,
 
 def dealer(ctx: zmq.Context, address: str, *, hwm: int = DEFAULT_HWM,
            max_msg_bytes: int = DEFAULT_MAX_MSG_BYTES, curve: tuple[bytes, bytes, bytes] | None = None,
-           connect: bool = True) -> zmq.Socket:
+           connect: bool = True, heartbeat_ms: int = 0) -> zmq.Socket:
     """A connected DEALER. curve = (server public, own public, own secret) for CURVE (tcp://).
     connect=False leaves the connect to the caller (e.g. after attaching a socket monitor, which
-    reports only events after it is attached)."""
+    reports only events after it is attached). heartbeat_ms > 0 turns on ZMTP heartbeats: a peer
+    whose host vanished without closing the connection is dropped after 3 silent periods (the
+    connection's liveness only: an application hang still needs the application's heartbeat)."""
     sock = _common(ctx.socket(zmq.DEALER), hwm, max_msg_bytes)
     if curve is not None:
         sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = curve
+    if heartbeat_ms > 0:
+        sock.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ms)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * heartbeat_ms)
     if connect:
         sock.connect(address)
     return sock

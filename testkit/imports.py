@@ -15,7 +15,7 @@ import os
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PRODUCT = ("fmplex", "fmplexd", "tasklets", "ipc", "kernels")
+PRODUCT = ("fmplex", "fmplexd", "tasklets", "ipc", "kernels", "cluster")
 
 
 def modules(packages, root: str = REPO) -> dict[str, str]:

@@ -17,6 +17,7 @@ ALLOWED = {
     "tasklets": {"ipc"},
     "fmplexd": {"ipc", "kernels"},
     "fmplex": {"ipc", "fmplexd", "tasklets", "kernels"},
+    "cluster": {"ipc", "fmplex"},      # drives each host's fmplexd as an operator would
 }
 FIXTURES = ("testkit", "tests", "bench")
 

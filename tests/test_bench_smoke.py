@@ -19,6 +19,8 @@ BENCHES = {
     "fuzz": ("fuzz.json", {"sockets", "check"}),
     "task_memory": ("task_memory.json", {"levels", "pass"}),
     "generate": ("generate.json", {"tasks", "lora_overhead", "fairness", "llamacpp", "goals"}),
+    "cluster_chaos": ("cluster_chaos.json", {"summary", "tasks", "rounds"}),
+    "cluster_sim": ("cluster_sim.json", {"fleets", "sensitivity", "goals"}),
 }
 
 
@@ -62,5 +64,12 @@ def test_quick_run_writes_json_and_prints_a_table_last(name, tmp_path):
             for s in t["systems"].values():
                 assert s["saturation"]["failed"] == 0 and s["saturation"]["output_tokens"] > 0
                 assert all(ld["failed"] == 0 for ld in s["loads"].values())
+    if name == "cluster_chaos":                              # a host killed and replaced
+        s = data["summary"]
+        assert s["kills"] > 0 and s["lost"] == s["hung"] == s["wrong"] == 0 and \
+            s["processes_left"] == 0 and s["replaced_s_max"] is not None, s
+    if name == "cluster_sim":                                # every policy placed something
+        for fleet in data["fleets"].values():
+            assert all(v > 0 for v in fleet["best"].values()), fleet["best"]
     if name == "fuzz":
         assert data["check"]["passed"], data["check"]["why"]

@@ -30,6 +30,8 @@ from ipc.messages import (BackboneStats, Cancel, CancelRequest, ChatMessage, Chi
                           TaskState, TaskStats, TokenLabel, Unregister, UpdateReady, Welcome)
 from ipc.messages import (ForecastReply, ImageInfo, InferImages, InferSeries, SeriesInfo,
                           SubmitImages, SubmitSeries)
+from ipc.messages import (ClusterDeploy, ClusterRemove, ClusterStatus, ClusterStatusReply,
+                          ClusterTask, HostStatus, Route, RouteEndpoint, RouteQuery, RouteTable)
 
 # ---------------------------------------------------------------- comparison
 
@@ -248,6 +250,28 @@ def valid_messages():
         ("forecast-reply", ForecastReply(ref=23, task="co2", version=1, quantiles=[0.1, 0.5],
                                          forecast=np.ones((1, 96, 2), np.float32),
                                          truncated=[True])),
+        # ---- cluster routing
+        ("route-query", RouteQuery(ref=20, tasks=["sentiment", "topic"], wait_ms=2500,
+                                   avoid=["tcp://10.0.0.2:7001"])),
+        ("route-query-default", RouteQuery(ref=20)),
+        ("route-table", RouteTable(ref=20, version=2**64 - 1, routes=[
+            Route(task="sentiment", endpoints=[
+                RouteEndpoint(host="n1", address="tcp://10.0.0.1:7001", server_key="K" * 40,
+                              load=0.25),
+                RouteEndpoint(host="n2", address="tcp://10.0.0.2:7001", server_key="L" * 40)]),
+            Route(task="topic", endpoints=[])])),
+        ("cluster-deploy", ClusterDeploy(ref=21, spec='name = "x"\n', spec_dir="/srv/specs",
+                                         rate=12.5, slo_ms=250, min_replicas=2, max_replicas=4,
+                                         memory_bytes=1 << 20)),
+        ("cluster-deploy-default", ClusterDeploy(ref=21, spec="s")),
+        ("cluster-remove", ClusterRemove(ref=22, name="x")),
+        ("cluster-status", ClusterStatus(ref=23)),
+        ("cluster-status-reply", ClusterStatusReply(
+            ref=23, version=7,
+            hosts=[HostStatus(name="n0", alive=True, backbones=["default", "dinov2"],
+                              memory_bytes=24 << 30, used_bytes=300 << 20, load=0.5, tasks=3)],
+            tasks=[ClusterTask(name="x", backbone="default", replicas=2, hosts=["n0", "n1"],
+                               rate=40.0, p99_ms=88.5, slo_ms=250)])),
     ]
 
 

@@ -16,7 +16,8 @@ TASK_MODULES = ("tasklets", "tasklets.process", "tasklets.pipelines.text", "task
                 "tasklets.pipelines.vision", "tasklets.pipelines.series", "fmplex.demo.samples",
                 "tasklets.endpoint", "tasklets.adapters", "tasklets.zygote", "ipc.spec", "ipc.aio",
                 "ipc.zap")
-CLIENT_MODULES = ("fmplex", "fmplex.client", "fmplex.cli", "fmplex.render", "fmplex.local_daemon")
+CLIENT_MODULES = ("fmplex", "fmplex.client", "fmplex.cli", "fmplex.render", "fmplex.local_daemon",
+                  "fmplex.routing", "fmplex.cluster_cli")
 
 
 @pytest.fixture(scope="module")
