@@ -40,7 +40,9 @@ Objective, lexicographic: (1) the most tasks with at least one replica, (2) the 
 another host). A running replica therefore keeps its host unless it must leave (its host is lost,
 or no longer fits it and another host takes it) or a relocation lowers the backlog by more than
 move_cost. A running replica that no longer fits anywhere stays where it is, over the limits,
-rather than stop (its host is listed in `overloaded`; the autoscaler's job is to add replicas).
+rather than stop (its host is listed in `overloaded`; the autoscaler's job is to add replicas);
+so does one whose move would take the last room a task with nowhere else to go needs (by (1)).
+Only running replicas stay over the limits: no replica starts on a host the plan leaves over one.
 
 Algorithm (greedy, after MuxServe's placement: units in decreasing popularity x cost, over
 candidate splits of the fleet). A candidate split is a target utilization u per backbone copy: it
@@ -54,8 +56,12 @@ sum of rate x cost of its tasks). For each split:
      slow work, so quick tasks with tight SLOs keep hosts where they fit), then the lowest
      utilization after it; while b has fewer than k_b copies, hosts that could load a new copy
      compete too (ties go to holders, then to the host with fewer tasks); if no holder fits, a
-     new copy goes where it would be chosen among those; else the replica stays unplaced;
+     new copy goes where it would be chosen among those; else the replica stays unplaced.
+     Replicas that step 3 would keep where they run go last (a second round), after those that
+     have nowhere else to go;
   3. a task still short of replicas keeps its running replicas that did not fit (overloaded);
+     replicas step 2 started on a host this puts over a limit leave it and step 2 places them
+     again (repeated while step 3 keeps more);
   4. relocate a kept replica when that lowers the backlog by more than move_cost (bounded
      passes), then place what the room they left lets step 2 place.
 The split with the best objective wins; ties go to the first (lowest u). Deterministic.
@@ -168,6 +174,11 @@ class _Host:
             return math.inf
         return max(self.chunk, chunk) / (1 - rho) if rho > 0.01 else 0.0
 
+    def over(self, params: Params) -> bool:
+        """Over a limit: memory, utilization or a task's SLO."""
+        return self.used > self.spec.memory or self.rho() > params.max_utilization or \
+            self.wait99() > self.slack
+
     def backlog(self) -> float:
         rho = self.rho()
         return math.inf if rho >= 1 else (rho - self.spec.background) / (1 - rho)
@@ -234,12 +245,25 @@ class _Greedy:
         spread = self._spread(target_u)
         self._place_missing(spread)
         overloaded = self._keep_overloaded()
+        for _ in range(sum(map(len, self.current.values())) + 1):   # each round keeps more
+            if not self._evict_started(overloaded):
+                break
+            self._place_missing(spread)
+            overloaded |= self._keep_overloaded()
         if self._relocate(kept):
             self._place_missing(spread)            # relocations may have made room
-        return self._plan(overloaded)
+        return self._plan({n for n in overloaded if self.hosts[n].over(self.params)})
 
     def _place_missing(self, spread: dict[str, int]) -> None:
-        for t in sorted(self.order, key=lambda t: (-self.demand[t.backbone], t.backbone)):
+        """Step 2. Two rounds: first the replicas that nothing else would place, then those that
+        step 3 would keep where they run anyway (over the limits). So a displaced running replica
+        never takes the last room from a task that has nowhere else to go (objective (1))."""
+        order = sorted(self.order, key=lambda t: (-self.demand[t.backbone], t.backbone))
+        for t in order:
+            while len(self.placement[t.name]) + self._fallbacks(t) < t.replicas and \
+                    self._place_one(t, spread):
+                pass
+        for t in order:
             while len(self.placement[t.name]) < t.replicas and self._place_one(t, spread):
                 pass
 
@@ -292,6 +316,31 @@ class _Greedy:
                     self._assign(h, t, need)
                     hosts.add(name)
         return hosts
+
+    def _fallbacks(self, t: TaskDemand) -> int:
+        """How many replicas of t step 3 would keep where they run (live hosts that can serve it
+        and do not serve it in the plan yet)."""
+        n = 0
+        for name in self.current.get(t.name, ()):
+            h = self.hosts.get(name)
+            if h is not None and t.name not in h.tasks and self._bytes(h, t) is not None:
+                n += 1
+        return n
+
+    def _evict_started(self, overloaded: set[str]) -> bool:
+        """Step 3 may put a host over a limit after step 2 started replicas there: those leave it
+        again (only running replicas may stay over the limits); step 2 then places them anew,
+        elsewhere or, once the host is within its limits again, there. True if any left."""
+        evicted = False
+        for name in sorted(overloaded):
+            h = self.hosts[name]
+            if not h.over(self.params):
+                continue
+            for tname in list(h.tasks):
+                if name not in self.current.get(tname, ()):
+                    self._unassign(h, self.tasks[tname])
+                    evicted = True
+        return evicted
 
     def _spread(self, target_u: float) -> dict[str, int]:
         """The split: how many copies each backbone's load may spread over (k_b). (Replicas
@@ -366,10 +415,7 @@ class _Greedy:
         best.add(t, t.memory, False)
         hosts = self.placement[t.name]
         hosts[hosts.index(src.spec.name)] = best.spec.name
-        if t.backbone not in src.spec.held and all(self.tasks[n].backbone != t.backbone
-                                                   for n in src.tasks):
-            src.backbones.discard(t.backbone)      # a copy loaded for nothing more: unloaded
-            src.used -= self.sizes.get(t.backbone, 0)
+        self._unload_unused(src, t.backbone)       # a copy loaded for nothing more: unloaded
         return True
 
     # -- helpers --------------------------------------------------------------------------------
@@ -385,6 +431,18 @@ class _Greedy:
     def _assign(self, h: _Host, t: TaskDemand, need: int) -> None:
         h.add(t, need, t.backbone not in h.backbones)
         self.placement[t.name].append(h.spec.name)
+
+    def _unassign(self, h: _Host, t: TaskDemand) -> None:
+        h.remove(t, t.memory, self.tasks)
+        self.placement[t.name].remove(h.spec.name)
+        self._unload_unused(h, t.backbone)
+
+    def _unload_unused(self, h: _Host, backbone: str) -> None:
+        """A copy h loaded in this plan that none of its tasks uses any more is unloaded."""
+        if backbone in h.backbones and backbone not in h.spec.held and \
+                all(self.tasks[n].backbone != backbone for n in h.tasks):
+            h.backbones.discard(backbone)
+            h.used -= self.sizes.get(backbone, 0)
 
     def _plan(self, overloaded: set[str]) -> Plan:
         placement = {n: tuple(hs) for n, hs in self.placement.items() if hs}

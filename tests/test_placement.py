@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from cluster.placement import HostSpec, Move, Params, TaskDemand, place
@@ -75,9 +75,9 @@ def test_every_constraint_holds(case):
             assert t.backbone in live[h].held or live[h].can_load
             assert t.backbone in plan.copies[h]
     for name, (used, rho, over, _, mine) in evaluate(plan, tasks, hosts).items():
-        if name in plan.overloaded:                          # only a running replica may be
-            assert any(name in current.get(t.name, ()) for t in mine), name   # kept over them
-            continue
+        if name in plan.overloaded:                          # only running replicas may be
+            assert all(name in current.get(t.name, ()) for t in mine), name   # kept over them:
+            continue                                         # none starts there
         assert used <= live[name].memory, name
         if mine:
             assert rho <= PARAMS.max_utilization + 1e-9, name
@@ -162,8 +162,22 @@ def test_the_plan_is_deterministic(case):
     assert place(tasks, hosts, current, SIZES) == again
 
 
+# Found by hypothesis (minimized by hand). Once, the first plan started ta on h0, then kept tc
+# running there, loading C over h0's memory; the next plan moved ta off the overloaded h0 into
+# h1's last room, ahead of the newcomer, which had nowhere else to go (KeyError: 'newcomer'). Now
+# ta never starts on h0 (test_no_replica_starts_on_a_host_the_plan_leaves_over_its_limits), and a
+# displaced running replica yields that room (test_a_displaced_running_replica_leaves_...).
+QUIET_NEWCOMER_CASE = (
+    [TaskDemand("ta", "A", memory=UNIT), TaskDemand("tb", "A"), TaskDemand("tc", "C")],
+    [HostSpec("h0", memory=SIZES["A"] + UNIT, held={"A": SIZES["A"]}, can_load=True),
+     HostSpec("h1", memory=SIZES["A"] + SIZES["B"] + UNIT,
+              held={"A": SIZES["A"], "B": SIZES["B"]})],
+    {"tc": ("h0",)})
+
+
 @settings(max_examples=150, deadline=None)
 @given(fleets(), st.sampled_from(sorted(SIZES)))
+@example(QUIET_NEWCOMER_CASE, "B")
 def test_a_quiet_new_task_goes_where_its_backbone_is_held(case, backbone):
     """Sharing-aware: a new task with no load joins a host that holds its backbone whenever one
     has room, rather than loading another copy (unless its backbone's load asks for more copies
@@ -241,6 +255,30 @@ def test_a_task_no_host_can_serve_is_reported_unplaced():
     hosts = [HostSpec("n0", memory=64 * UNIT, held={"A": SIZES["A"]})]
     plan = place([TaskDemand("b", "B"), TaskDemand("slow", "A", cost_s=2.0, slo_s=1.0)], hosts)
     assert plan.placement == {} and plan.unplaced == ("b", "slow")
+
+
+def test_no_replica_starts_on_a_host_the_plan_leaves_over_its_limits():
+    """tc runs on h0, which cannot also hold C: it stays there, over the memory, alone; ta (new)
+    starts on h1, not on h0 beside it."""
+    tasks, hosts, current = QUIET_NEWCOMER_CASE
+    plan = place(tasks, hosts, current, SIZES)
+    assert plan.placement == {"ta": ("h1",), "tb": ("h1",), "tc": ("h0",)}
+    assert plan.overloaded == ("h0",) and plan.unplaced == ()
+
+
+def test_a_displaced_running_replica_leaves_the_last_room_to_a_task_with_nowhere_else_to_go():
+    """ta runs on h0, whose memory no longer fits it; h1 has room for one replica, and only h1
+    holds B. Moving ta there would leave `new` unplaced: ta stays (over the limit), new starts."""
+    hosts = [HostSpec("h0", memory=SIZES["A"], held={"A": SIZES["A"]}),
+             HostSpec("h1", memory=SIZES["A"] + SIZES["B"] + UNIT,
+                      held={"A": SIZES["A"], "B": SIZES["B"]})]
+    tasks = [TaskDemand("ta", "A", memory=UNIT), TaskDemand("new", "B", memory=UNIT)]
+    for move_cost in (math.inf, 0.5):
+        plan = place(tasks, hosts, {"ta": ("h0",)}, SIZES, Params(move_cost=move_cost))
+        assert plan.placement == {"ta": ("h0",), "new": ("h1",)} and plan.unplaced == ()
+        assert plan.overloaded == ("h0",) and plan.moves == (Move("new", None, "h1"),)
+    alone = place(tasks[:1], hosts, {"ta": ("h0",)}, SIZES)   # with nothing else to fit: it moves
+    assert alone.placement == {"ta": ("h1",)} and alone.overloaded == ()
 
 
 def test_a_running_task_that_outgrew_its_host_stays_rather_than_stops():
