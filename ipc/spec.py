@@ -20,6 +20,8 @@ it lives here, below both. Pure Python (tomllib); no torch.
                                          #   the mean of the patch rows; series: the last step's
                                          #   features or the mean over the observed steps
     top_k = 1                            # default labels returned per input
+    cache_mb = 0                         # result cache in the task process, MiB (0 = off): a
+                                         #   repeated request is answered from it (tasklets.cache)
 
     [extension]                          # all optional; paths are relative to this file
     adapter = "adapters/sentiment"       # PEFT adapter directory (LoRA, IA3 or prompt tuning)
@@ -128,6 +130,7 @@ class TaskSpec:
     authorized_keys: tuple[str, ...]
     system_prompt: str = ""
     generation: GenerationDefaults = GenerationDefaults()
+    cache_mb: float = 0.0
 
     def task_config(self, variant: str = "") -> TaskConfig:
         return TaskConfig(name=self.name + (f"@{variant}" if variant else ""),
@@ -137,7 +140,7 @@ class TaskSpec:
 
 
 _TOP = {"name", "pipeline", "backbone", "owner", "weight", "queue_limit", "deadline_ms", "labels",
-        "pooling", "top_k", "extension", "endpoint", "system_prompt", "generation"}
+        "pooling", "top_k", "extension", "endpoint", "system_prompt", "generation", "cache_mb"}
 _GENERATION = {"max_tokens", "temperature", "top_p", "top_k", "stop"}
 _EXT = {"adapter", "head", "head_activation"}
 _ENDPOINT = {"tcp", "authorized_keys"}
@@ -188,7 +191,8 @@ def parse_spec(text: str, base_dir: str | None = None) -> TaskSpec:
         head_activation=_enum(Activation, "extension.head_activation",
                               _get(ext, "head_activation", str, "relu")),
         tcp=_get(endpoint, "tcp", str, ""), authorized_keys=keys,
-        system_prompt=_get(data, "system_prompt", str, ""), generation=_generation(gen))
+        system_prompt=_get(data, "system_prompt", str, ""), generation=_generation(gen),
+        cache_mb=float(_number(data, "cache_mb", 0, 0, 1 << 20)))
     if (spec.system_prompt or gen) and pipeline is not Pipeline.GENERATION:
         raise SpecError("system_prompt" if spec.system_prompt else "generation",
                         f"only a {Pipeline.GENERATION.value} task takes it")
