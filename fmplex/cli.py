@@ -110,7 +110,9 @@ def cmd_info(args) -> int:
             return 0 if h.ready else 1
         info = c.control(Info(ref=c.ref()))
         tasks = c.control(ListTasks(ref=c.ref())).tasks
-    print(f"fmplexd {info.version}  epoch {info.epoch:x}  up {info.uptime_s:.0f}s  run dir {info.run_dir}")
+    metrics = f"  metrics {info.metrics}" if info.metrics else ""
+    print(f"fmplexd {info.version}  epoch {info.epoch:x}  up {info.uptime_s:.0f}s  run dir "
+          f"{info.run_dir}{metrics}")
     from fmplex.render import backbone_lines
     print("\n".join(backbone_lines(info.backbones, tasks, info.load)))
     for r in info.regions:

@@ -23,6 +23,9 @@ backbone. Built once, never rewritten after construction.
                                        # (shared pages: far less memory per task; they share its
                                        # ASLR layout); false = exec each one afresh
     drain_timeout_s = 10.0             # SIGTERM: time to finish in-flight work
+    metrics_listen = "127.0.0.1:9740"  # Prometheus /metrics (HOST:PORT; port 0 = any free one,
+                                       # see `fmplex info`; "" = off). It names every tenant's
+                                       # tasks: keep it on loopback or a scrape-only network
 
     [[backbone]]
     name = "default"
@@ -65,6 +68,7 @@ class DaemonConfig:
     keep_slot_on_death: bool = False
     task_zygote: bool = True
     drain_timeout_s: float = 10.0
+    metrics_listen: str = "127.0.0.1:9740"
     backbones: tuple[BackboneConfig, ...] = (BackboneConfig(),)
 
     def __post_init__(self):
@@ -84,6 +88,9 @@ class DaemonConfig:
             raise ValueError("idle_credit_tokens must be >= 0")
         if self.kv_pool_mb <= 0 or self.kv_block_tokens < 1 or self.max_sequences < 1:
             raise ValueError("need kv_pool_mb > 0, kv_block_tokens >= 1 and max_sequences >= 1")
+        if self.metrics_listen:
+            from fmplexd.metrics import parse_listen
+            parse_listen(self.metrics_listen)
 
 
 def load_config(path: str | None, **overrides) -> DaemonConfig:

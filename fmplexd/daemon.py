@@ -11,6 +11,8 @@ heartbeats and control requests meanwhile):
     serve_control  receive control messages     -> ControlApi.handle
     engine_loop    next work -> run -> finish -> deliver   (arrivals come through serve_tasks)
     housekeeping   heartbeats out, liveness in, deadline expiry, relay expiry, watchdog
+Metrics (fmplexd.metrics): Prometheus at `metrics_listen`, fed by the sessions' observer hook and
+each batch of the engine loop, the rest read from the daemon's figures at scrape time.
 Signal handlers only set `stopping`; shutdown drains in-flight work, tells tasks, and exits.
 """
 from __future__ import annotations
@@ -31,6 +33,7 @@ from fmplexd.control import ControlApi, DaemonFacts
 from fmplexd.engine import Engine
 from fmplexd.families import load_backbone
 from fmplexd.handle_plane import HandlePolicy
+from fmplexd.metrics import DaemonMetrics, Snapshot
 from fmplexd.relays import Relays
 from fmplexd.sessions import Sessions
 from fmplexd.supervisor import Supervisor
@@ -66,6 +69,8 @@ class Daemon:
         self.authority = Authority(config.trust_root)
         self.sessions = Sessions(self.engine, self.authority, self.run_dir, config.heartbeat_ms,
                                  config.liveness_ms, config.keep_slot_on_death)
+        self.metrics = DaemonMetrics()
+        self.sessions.observe(self.metrics)
         self.stopping = False
         self.failed = False
         self.wake = asyncio.Event()
@@ -95,8 +100,9 @@ class Daemon:
         relays = Relays(self._reply_control)
         self.task_plane = TaskPlane(self.sessions, relays, self._welcome, self._reply_task,
                                     lambda: self.stopping, self.wake.set)
+        self._serve_metrics()
         facts = DaemonFacts(self.epoch, self.started, self.run_dir.path, self.engine.infos,
-                            self._backbone_regions, self.engine.load)
+                            self._backbone_regions, self.engine.load, lambda: self.metrics.url)
         self.control = ControlApi(self.sessions, relays, facts, self._welcome,
                                   self.supervisor.deploy, self.supervisor.forget,
                                   self._reply_control, lambda: self.stopping)
@@ -116,6 +122,23 @@ class Daemon:
         finally:
             self.notify(stopping=True, status="draining")
             await self.shutdown(loops)
+
+    def _serve_metrics(self) -> None:
+        """Prometheus at `metrics_listen`; a failure to bind is logged, and serving goes on."""
+        if not self.config.metrics_listen:
+            return
+        try:
+            url = self.metrics.serve(self.config.metrics_listen, self._metrics_snapshot,
+                                     asyncio.get_running_loop())
+            log.info("metrics at %s", url)
+        except OSError as e:
+            log.error("no metrics: cannot listen at %s (%s)", self.config.metrics_listen, e)
+
+    def _metrics_snapshot(self) -> Snapshot:
+        now = time.monotonic()
+        return Snapshot(tasks=self.sessions.stats(now), backbones=self.engine.load(),
+                        region_bytes={n: b.manifest.size for n, b in self.backbones.items()},
+                        uptime_s=now - self.started)
 
     def _loop_ended(self, task: asyncio.Task) -> None:
         """A loop must never end on its own: log why, and stop the daemon (exit status 1) so that
@@ -138,6 +161,7 @@ class Daemon:
             if time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.01)
+        self.metrics.close()
         await self.supervisor.stop_all()
         self.sessions.end_all(ErrorCode.SHUTTING_DOWN, "daemon shutting down")
         for t in loops:
@@ -182,6 +206,7 @@ class Daemon:
             finally:
                 self.in_flight -= 1
             t1 = time.monotonic()
+            self.metrics.batch(work.batch.group, work.tokens, t1 - t0)
             self.sessions.deliver(self.engine.finish(work, outputs, t0, t1), t1)
             self.sessions.ack_drained()
 

@@ -14,7 +14,8 @@ Rules:
   still hear it) and frees its slot unless keep_slot_on_death says otherwise.
 - Every message to a task goes through `send`: a peer that is gone means the task died.
 Listeners (the supervisor, readiness long-polls) learn `task_ready(name)` and
-`task_died(name, reason, pid)`.
+`task_died(name, reason, pid)`; observers (metrics) learn each request's end: `request_done(entry,
+latency_s)` or `request_failed(entry, code)`.
 """
 from __future__ import annotations
 
@@ -44,6 +45,11 @@ class Listener(Protocol):
     def task_died(self, name: str, reason: str, pid: int) -> None: ...
 
 
+class Observer(Protocol):
+    def request_done(self, task: TaskEntry, latency_s: float) -> None: ...
+    def request_failed(self, task: TaskEntry, code: ErrorCode) -> None: ...
+
+
 class Sessions:
     def __init__(self, engine: Engine, authority: Authority, run_dir: RunDir, heartbeat_ms: int,
                  liveness_ms: int, keep_slot_on_death: bool = False):
@@ -53,6 +59,7 @@ class Sessions:
         self.liveness = transport.Liveness(liveness_ms / 1e3)
         self._send: Callable[[bytes, Message], None] | None = None
         self._listeners: list[Listener] = []
+        self._observers: list[Observer] = []
         self._beat = 0
 
     def attach(self, send: Callable[[bytes, Message], None]) -> None:
@@ -62,6 +69,9 @@ class Sessions:
 
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
+
+    def observe(self, observer: Observer) -> None:
+        self._observers.append(observer)
 
     # -- lookups --------------------------------------------------------------------------------
 
@@ -187,6 +197,8 @@ class Sessions:
         except FmplexError as e:
             if e.code is not ErrorCode.OVERLOADED:
                 entry.errors += 1
+            for o in self._observers:
+                o.request_failed(entry, e.code)
             raise
 
     def cache_report(self, entry: TaskEntry, msg: CacheStats) -> None:
@@ -314,10 +326,14 @@ class Sessions:
                     entry.timeouts += 1
                 elif msg.code is not ErrorCode.OVERLOADED:
                     entry.errors += 1
+                for o in self._observers:
+                    o.request_failed(entry, msg.code)
             elif d.final:
                 entry.requests += 1
                 if d.latency_s is not None:
                     entry.latency.add(d.latency_s, now)
+                    for o in self._observers:
+                        o.request_done(entry, d.latency_s)
             self.send(entry, msg)
 
     # -- liveness -------------------------------------------------------------------------------
