@@ -10,6 +10,8 @@
     fmplex task list | update NAME SPEC [--canary PCT] | promote NAME | rollback NAME | remove NAME
     fmplex top [--interval S] [--once]   live per-task table
     fmplex info | health [TASK]
+    fmplex gateway [--listen 127.0.0.1:8000] [--api-keys FILE] [--max-body-mb MB]
+                                         an OpenAI-compatible HTTP gateway to the tasks
     fmplex bench NAME ...                a benchmark of a source checkout (python -m bench.NAME)
 Every command takes --run-dir (default: FMPLEX_RUN_DIR or the daemon's default).
 Exit status: 0 ok, 1 request failed (typed error printed), 2 usage or set-up error.
@@ -120,6 +122,17 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_gateway(args) -> int:
+    try:
+        from fmplex.gateway.server import serve
+    except ImportError as e:
+        print(f"fmplex: the gateway needs its extra: pip install 'fmplex[gateway]' ({e})",
+              file=sys.stderr)
+        return 2
+    return serve(args.listen, args.api_keys, args.run_dir, int(args.max_body_mb * 2**20),
+                 args.request_timeout)
+
+
 def cmd_demo(args) -> int:
     from fmplex.demo import run_demo
     return run_demo(requests=args.requests, clients=args.clients, quick=args.quick)
@@ -185,6 +198,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("task", nargs="?")
     p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the task to be ready")
     p.set_defaults(fn=cmd_info)
+    p = sub.add_parser("gateway", help="OpenAI-compatible HTTP gateway to the tasks")
+    p.add_argument("--listen", default="127.0.0.1:8000", help="HOST:PORT (port 0: any free one)")
+    p.add_argument("--api-keys", help="TOML file of API keys and their owners; without one the "
+                   "gateway listens on loopback only and every caller is this user")
+    p.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body")
+    p.add_argument("--request-timeout", type=float, default=300.0,
+                   help="seconds a request may take (a request may set timeout_ms)")
+    p.set_defaults(fn=cmd_gateway)
     p = sub.add_parser("demo", help="the main job on the embedded backbone")
     p.add_argument("--requests", type=int, default=400)
     p.add_argument("--clients", type=int, default=8)

@@ -37,7 +37,7 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field, fields
 
-from ipc.addresses import default_run_dir
+from ipc.addresses import default_run_dir, parse_listen
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -89,7 +89,6 @@ class DaemonConfig:
         if self.kv_pool_mb <= 0 or self.kv_block_tokens < 1 or self.max_sequences < 1:
             raise ValueError("need kv_pool_mb > 0, kv_block_tokens >= 1 and max_sequences >= 1")
         if self.metrics_listen:
-            from fmplexd.metrics import parse_listen
             parse_listen(self.metrics_listen)
 
 

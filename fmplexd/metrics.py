@@ -41,6 +41,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from ipc.addresses import parse_listen
 from ipc.errors import ErrorCode
 from ipc.messages import BackboneStats, TaskState, TaskStats
 
@@ -60,14 +61,6 @@ class Snapshot:
     backbones: list[BackboneStats] = field(default_factory=list)
     region_bytes: dict[str, int] = field(default_factory=dict)     # backbone -> bytes
     uptime_s: float = 0.0
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    """"HOST:PORT" or "[V6]:PORT" -> (host, port); ValueError otherwise."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"metrics_listen {value!r}: want HOST:PORT")
-    return host.strip("[]"), int(port)
 
 
 class DaemonMetrics:

@@ -254,6 +254,12 @@ def _enum(cls, field: str, value: str):
 
 
 def _owner(value) -> int:
+    return owner_uid(value, "owner")
+
+
+def owner_uid(value, field: str) -> int:
+    """A user name or uid (None: the current user) -> uid; SpecError naming `field` otherwise.
+    (Also the gateway's API-key owners.)"""
     if value is None:
         return os.getuid()
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
@@ -264,8 +270,8 @@ def _owner(value) -> int:
         try:
             return pwd.getpwnam(value).pw_uid
         except KeyError:
-            raise SpecError("owner", f"no user named {value!r}") from None
-    raise SpecError("owner", "must be a user name or a uid")
+            raise SpecError(field, f"no user named {value!r}") from None
+    raise SpecError(field, "must be a user name or a uid")
 
 
 def _path(base_dir: str | None, value: str | None) -> str | None:

@@ -16,7 +16,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fmplexd.metrics import parse_listen
+from ipc.addresses import parse_listen
 from ipc.errors import InvalidRequest
 from ipc.messages import Info, ListTasks
 from testkit.launch import Daemon, TaskProc, short_tmpdir, write_spec
