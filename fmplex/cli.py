@@ -6,7 +6,9 @@
                     [--top-k K] [--seed S] [--stop STR ...] [--json]
                                          streams the text; --json prints one object at the end
     fmplex task run SPEC                 run a task process (as `python -m tasklets SPEC`)
-    fmplex task deploy SPEC              have the daemon start and supervise a task
+    fmplex task deploy SPEC [SPEC...] [--parallel N]
+                                         have the daemon start and supervise tasks (several: N at
+                                         once, a line per task, progress on a terminal)
     fmplex task list | update NAME SPEC [--canary PCT] | promote NAME | rollback NAME | remove NAME
     fmplex top [--interval S] [--once]   live per-task table
     fmplex info | health [TASK]
@@ -70,9 +72,11 @@ def cmd_task(args) -> int:
     if args.action == "run":
         from tasklets.process import main as run_task
         return run_task(args.spec, args.run_dir)
+    if args.action == "deploy" and len(args.spec) > 1:
+        return deploy_many(args)
     with _client(args) as c:
         if args.action == "deploy":
-            path = os.path.abspath(args.spec)
+            path = os.path.abspath(args.spec[0])
             with open(path) as f:
                 reply = c.control(Deploy(ref=c.ref(), spec=f.read(), spec_path=path),
                                   timeout_s=max(args.timeout, 180))
@@ -93,6 +97,45 @@ def cmd_task(args) -> int:
                                           spec_dir=spec_dir, canary_percent=args.canary or 0))
     print(reply.message)
     return 0
+
+
+def deploy_many(args) -> int:
+    """Deploy several specs, `--parallel` at a time: one line per task as it serves (or fails),
+    and on a terminal a progress line. Exit 1 if any failed."""
+    import asyncio
+
+    from fmplex.client import AsyncClient
+    from fmplexd.progress import TerminalLine
+    from ipc import aio
+    from ipc.messages import Deploy
+    paths = [os.path.abspath(p) for p in args.spec]
+    line, done, failed = TerminalLine(), [], []
+
+    async def one(client, gate, path):
+        async with gate:
+            try:
+                with open(path) as f:
+                    text = f.read()
+                reply = await client.control(Deploy(ref=client.ref(), spec=text, spec_path=path),
+                                             timeout_s=max(args.timeout, 180))
+                message = reply.message
+            except (FmplexError, OSError) as e:
+                failed.append(path)
+                message = f"{os.path.basename(path)}: {e}"
+            done.append(path)
+            line.draw("")
+            print(f"[{len(done)}/{len(paths)}] {message}", flush=True)
+            line.draw(f"deploying: {len(done)}/{len(paths)} done"
+                      + (f", {len(failed)} failed" if failed else ""))
+
+    async def main():
+        gate = asyncio.Semaphore(max(1, args.parallel))
+        async with AsyncClient(args.run_dir, timeout_s=args.timeout) as client:
+            line.draw(f"deploying: 0/{len(paths)} done")
+            await asyncio.gather(*(one(client, gate, p) for p in paths))
+    aio.run(main())
+    line.end(f"deployed {len(paths) - len(failed)}/{len(paths)} task(s)")
+    return 1 if failed else 0
 
 
 def cmd_top(args) -> int:
@@ -176,10 +219,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_generate)
     t = sub.add_parser("task", help="task lifecycle").add_subparsers(dest="action", required=True)
-    for name in ("run", "deploy"):
-        q = t.add_parser(name)
-        q.add_argument("spec")
-        q.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
+    q = t.add_parser("run")
+    q.add_argument("spec")
+    q.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
+    q = t.add_parser("deploy")
+    q.add_argument("spec", nargs="+")
+    q.add_argument("--parallel", type=int, default=4, help="deployments at once (several specs)")
     t.add_parser("list")
     q = t.add_parser("update")
     q.add_argument("name")

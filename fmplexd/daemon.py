@@ -34,6 +34,7 @@ from fmplexd.engine import Engine
 from fmplexd.families import load_backbone
 from fmplexd.handle_plane import HandlePolicy
 from fmplexd.metrics import DaemonMetrics, Snapshot
+from fmplexd.progress import Progress
 from fmplexd.relays import Relays
 from fmplexd.sessions import Sessions
 from fmplexd.supervisor import Supervisor
@@ -42,7 +43,7 @@ from ipc import codec, transport
 from ipc.addresses import RunDir
 from ipc.errors import ErrorCode, FmplexError, ProtocolError
 from ipc.handles import HandleServer
-from ipc.messages import PROTOCOL_VERSION, Hello, Message, RegionInfo, Welcome
+from ipc.messages import PROTOCOL_VERSION, Hello, Message, RegionInfo, TaskState, Welcome
 from ipc.zap import ZapRequest, ZapServer
 
 log = logging.getLogger("fmplexd")
@@ -58,14 +59,20 @@ class Daemon:
         self.epoch = transport.new_epoch()
         self.started = time.monotonic()
         torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 2) - 1))
-        backbones = {}
-        for b in config.backbones:
-            self.notify(status=f"loading backbone {b.name}", extend_timeout_s=120)
+        backbones, progress = {}, Progress(self.notify)
+        for i, b in enumerate(config.backbones):
+            what = f"loading backbone {b.name} ({i + 1}/{len(config.backbones)})"
+            progress(what, stage=what, extend_timeout_s=120)
             workdir = os.path.join(self.run_dir.path, "backbones", b.name)
-            backbones[b.name] = load_backbone(b.name, b.path, b.dtype, workdir)
+            backbones[b.name] = load_backbone(
+                b.name, b.path, b.dtype, workdir,
+                progress=lambda step, what=what: progress(f"{what}: {step}", stage=what))
         self.backbones = backbones
+        progress("warming up the executors", stage="warm-up")
         self.engine = Engine(backbones, config)
         self.engine.warm_up()
+        progress.done(f"loaded {len(backbones)} backbone(s)")
+        self._status = ""
         self.authority = Authority(config.trust_root)
         self.sessions = Sessions(self.engine, self.authority, self.run_dir, config.heartbeat_ms,
                                  config.liveness_ms, config.keep_slot_on_death)
@@ -115,7 +122,8 @@ class Daemon:
             self.serve_tasks(), self.serve_control(), self.engine_loop(), self.housekeeping())]
         for t in loops:
             t.add_done_callback(self._loop_ended)
-        self.notify(ready=True, status=f"serving {len(self.backbones)} backbone(s)")
+        self._status = f"serving {len(self.backbones)} backbone(s)"
+        self.notify(ready=True, status=self._status)
         log.info("fmplexd ready in %s (epoch %x)", self.run_dir.path, self.epoch)
         try:
             await self._stop.wait()
@@ -232,8 +240,20 @@ class Daemon:
                 last_beat = now
                 self.sessions.heartbeat()
             self.relays.expire(now)
+            self._tell_status()
             if not self.in_flight or now - self.batch_started < STALLED_FORWARD_S:
                 self.notify(watchdog=True)      # a wedged forward stops the watchdog: restart us
+
+    def _tell_status(self) -> None:
+        """systemd's STATUS= while serving: the tasks ready of those known (deploying many tasks,
+        or restoring them after a restart, shows as it goes); sent only when it changes."""
+        tasks = self.sessions.entries()
+        ready = sum(e.state is TaskState.READY for e in tasks)
+        status = (f"serving {len(self.backbones)} backbone(s); tasks: {ready} ready"
+                  + (f", {len(tasks) - ready} not ready" if len(tasks) > ready else ""))
+        if status != self._status:
+            self._status = status
+            self.notify(status=status)
 
     # -- replies ------------------------------------------------------------------------------
 
