@@ -19,6 +19,7 @@ BENCHES = {
     "fuzz": ("fuzz.json", {"sockets", "check"}),
     "task_memory": ("task_memory.json", {"levels", "pass"}),
     "generate": ("generate.json", {"tasks", "lora_overhead", "fairness", "llamacpp", "goals"}),
+    "cache": ("cache.json", {"params", "runs", "check"}),
 }
 
 
@@ -62,5 +63,11 @@ def test_quick_run_writes_json_and_prints_a_table_last(name, tmp_path):
             for s in t["systems"].values():
                 assert s["saturation"]["failed"] == 0 and s["saturation"]["output_tokens"] > 0
                 assert all(ld["failed"] == 0 for ld in s["loads"].values())
+    if name == "cache":                                      # hits skip the daemon, change nothing
+        runs, check = data["runs"], data["check"]
+        assert check["repeats_within"] and check["equal_to_uncached_within"], check
+        assert runs["plain"]["cache_hits"] == 0 and runs["cached"]["cache_hits"] > 0
+        assert runs["cached"]["daemon_requests"] + runs["cached"]["cache_hits"] == \
+            runs["cached"]["requests"]
     if name == "fuzz":
         assert data["check"]["passed"], data["check"]["why"]

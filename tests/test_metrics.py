@@ -176,3 +176,21 @@ def test_a_prometheus_server_scrapes_the_daemon(env):
             proc.wait()
         log.close()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_the_grafana_dashboard_queries_only_served_series(env):
+    """packaging/grafana-fmplex.json is valid JSON and every fmplex_* series it queries is one
+    the daemon serves."""
+    import re
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "packaging",
+                           "grafana-fmplex.json")) as f:
+        dash = json.load(f)
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    exprs += [v["definition"] for v in dash["templating"]["list"] if "definition" in v]
+    wanted = {m for e in exprs for m in re.findall(r"fmplex_[a-z_]+", e)}
+    with env.client() as c:
+        with pytest.raises(InvalidRequest):
+            c.generate("gen", prompt="x", top_p=0.0)          # so that an error series exists
+        c.infer("emb", ["so that a latency series exists"])
+        served = {name for name, _ in scrape(c.control(Info(ref=c.ref())).metrics)[0]}
+    assert len(wanted) >= 15 and wanted <= served, sorted(wanted - served)
