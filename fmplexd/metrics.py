@@ -154,11 +154,8 @@ class _Figures(Collector):
              lambda t: t.cache_bytes),
             ("ready", GaugeMetricFamily, "1 while the task serves",
              lambda t: 1 if t.state is TaskState.READY else 0)]
-        for suffix, family, doc, value in per_task:
-            m = family("fmplex_task_" + suffix, doc, labels=TASK)
-            for t in snap.tasks:
-                m.add_metric([t.name, t.backbone], value(t))
-            yield m
+        yield from _families("fmplex_task_", per_task, TASK, snap.tasks,
+                             lambda t: [t.name, t.backbone])
         per_backbone = [
             ("batches_total", CounterMetricFamily, "Batches or iterations run",
              lambda b: b.batches),
@@ -169,11 +166,17 @@ class _Figures(Collector):
             ("kv_blocks_total", GaugeMetricFamily, "KV pool blocks", lambda b: b.kv_blocks_total),
             ("region_bytes", GaugeMetricFamily, "Bytes of the sealed weight region",
              lambda b: snap.region_bytes.get(b.name, 0))]
-        for suffix, family, doc, value in per_backbone:
-            m = family("fmplex_backbone_" + suffix, doc, labels=("backbone",))
-            for b in snap.backbones:
-                m.add_metric([b.name], value(b))
-            yield m
+        yield from _families("fmplex_backbone_", per_backbone, ("backbone",), snap.backbones,
+                             lambda b: [b.name])
         yield GaugeMetricFamily("fmplex_daemon_uptime_seconds", "Seconds since start",
                                 value=snap.uptime_s)
         yield GaugeMetricFamily("fmplex_daemon_tasks", "Tasks known", value=len(snap.tasks))
+
+
+def _families(prefix: str, specs, labels: tuple[str, ...], rows, label_values):
+    """One metric family per (suffix, kind, doc, value of a row), a sample per row."""
+    for suffix, family, doc, value in specs:
+        m = family(prefix + suffix, doc, labels=labels)
+        for row in rows:
+            m.add_metric(label_values(row), value(row))
+        yield m
