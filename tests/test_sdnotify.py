@@ -5,6 +5,7 @@ import io
 import os
 import signal
 import socket
+import threading
 
 import pytest
 
@@ -50,6 +51,28 @@ def test_notifier_abstract_socket_and_foreign_watchdog_pid():
     server.settimeout(2)
     assert server.recv(64) == b"READY=1\n"
     server.close()
+
+
+def test_a_listener_that_stops_reading_never_blocks_the_notifier():
+    """A full datagram queue drops updates: the daemon's loop sends STATUS= from its housekeeping,
+    and a blocking send there once wedged fmplexd under a harness that read only READY=1."""
+    d = short_tmpdir()
+    path = os.path.join(d, "n.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    n = Notifier.from_environ({"NOTIFY_SOCKET": path})
+    done = threading.Event()
+
+    def flood():
+        for i in range(5000):                         # far past the queue (max_dgram_qlen)
+            n(status=f"tasks: {i} ready")
+        done.set()
+
+    threading.Thread(target=flood, daemon=True).start()
+    assert done.wait(30), "the notifier blocked on a listener that does not read"
+    sock.settimeout(2)
+    assert sock.recv(64).startswith(b"STATUS=tasks: 0 ready")      # the early ones arrived
+    sock.close()
 
 
 class Tty(io.StringIO):
