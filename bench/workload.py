@@ -15,6 +15,9 @@ Each text is (tokens - 2) words drawn from WORDS, a bundled list of common Engli
 which is exactly one WordPiece token of the bert-base-uncased vocabulary (all-MiniLM-L6-v2's), so a
 text has exactly the drawn number of tokens (tests/test_workload.py checks this with the tokenizer).
 
+Repeated inputs (bench/cache.py): `zipf_picks` draws which of N distinct inputs each request
+carries, input k with probability (k + 1) ** -s / sum_j (j + 1) ** -s.
+
 Deterministic: the same WorkloadSpec (seed included) always gives the same events (numpy PCG64).
 """
 from __future__ import annotations
@@ -118,3 +121,10 @@ def texts(spec: WorkloadSpec, n: int, seed_offset: int = 1) -> list[Event]:
     rng = np.random.default_rng(spec.seed + seed_offset)
     lens = lengths(rng, spec, n)
     return [Event(0.0, i % spec.n_tasks, int(k), make_text(rng, int(k))) for i, k in enumerate(lens)]
+
+
+def zipf_picks(rng: np.random.Generator, n_inputs: int, n_requests: int, s: float) -> np.ndarray:
+    """Which of `n_inputs` distinct inputs each of `n_requests` requests carries: input k with
+    probability proportional to (k + 1) ** -s (a few inputs are very popular, most rare)."""
+    p = np.arange(1, n_inputs + 1, dtype=np.float64) ** -s
+    return rng.choice(n_inputs, size=n_requests, p=p / p.sum())

@@ -6,10 +6,14 @@
                     [--top-k K] [--seed S] [--stop STR ...] [--json]
                                          streams the text; --json prints one object at the end
     fmplex task run SPEC                 run a task process (as `python -m tasklets SPEC`)
-    fmplex task deploy SPEC              have the daemon start and supervise a task
+    fmplex task deploy SPEC [SPEC...] [--parallel N]
+                                         have the daemon start and supervise tasks (several: N at
+                                         once, a line per task, progress on a terminal)
     fmplex task list | update NAME SPEC [--canary PCT] | promote NAME | rollback NAME | remove NAME
     fmplex top [--interval S] [--once]   live per-task table
     fmplex info | health [TASK]
+    fmplex gateway [--listen 127.0.0.1:8000] [--api-keys FILE] [--max-body-mb MB]
+                                         an OpenAI-compatible HTTP gateway to the tasks
     fmplex bench NAME ...                a benchmark of a source checkout (python -m bench.NAME)
     fmplex cluster deploy|remove|status|infer|keygen ...   a cluster of hosts (fmplex/cluster_cli.py)
 Every command takes --run-dir (default: FMPLEX_RUN_DIR or the daemon's default).
@@ -70,9 +74,11 @@ def cmd_task(args) -> int:
     if args.action == "run":
         from tasklets.process import main as run_task
         return run_task(args.spec, args.run_dir)
+    if args.action == "deploy" and len(args.spec) > 1:
+        return deploy_many(args)
     with _client(args) as c:
         if args.action == "deploy":
-            path = os.path.abspath(args.spec)
+            path = os.path.abspath(args.spec[0])
             with open(path) as f:
                 reply = c.control(Deploy(ref=c.ref(), spec=f.read(), spec_path=path),
                                   timeout_s=max(args.timeout, 180))
@@ -95,6 +101,45 @@ def cmd_task(args) -> int:
     return 0
 
 
+def deploy_many(args) -> int:
+    """Deploy several specs, `--parallel` at a time: one line per task as it serves (or fails),
+    and on a terminal a progress line. Exit 1 if any failed."""
+    import asyncio
+
+    from fmplex.client import AsyncClient
+    from fmplexd.progress import TerminalLine
+    from ipc import aio
+    from ipc.messages import Deploy
+    paths = [os.path.abspath(p) for p in args.spec]
+    line, done, failed = TerminalLine(), [], []
+
+    async def one(client, gate, path):
+        async with gate:
+            try:
+                with open(path) as f:
+                    text = f.read()
+                reply = await client.control(Deploy(ref=client.ref(), spec=text, spec_path=path),
+                                             timeout_s=max(args.timeout, 180))
+                message = reply.message
+            except (FmplexError, OSError) as e:
+                failed.append(path)
+                message = f"{os.path.basename(path)}: {e}"
+            done.append(path)
+            line.draw("")
+            print(f"[{len(done)}/{len(paths)}] {message}", flush=True)
+            line.draw(f"deploying: {len(done)}/{len(paths)} done"
+                      + (f", {len(failed)} failed" if failed else ""))
+
+    async def main():
+        gate = asyncio.Semaphore(max(1, args.parallel))
+        async with AsyncClient(args.run_dir, timeout_s=args.timeout) as client:
+            line.draw(f"deploying: 0/{len(paths)} done")
+            await asyncio.gather(*(one(client, gate, p) for p in paths))
+    aio.run(main())
+    line.end(f"deployed {len(paths) - len(failed)}/{len(paths)} task(s)")
+    return 1 if failed else 0
+
+
 def cmd_top(args) -> int:
     from fmplex.render import top_loop
     with _client(args) as c:
@@ -112,12 +157,25 @@ def cmd_info(args) -> int:
             return 0 if h.ready else 1
         info = c.control(Info(ref=c.ref()))
         tasks = c.control(ListTasks(ref=c.ref())).tasks
-    print(f"fmplexd {info.version}  epoch {info.epoch:x}  up {info.uptime_s:.0f}s  run dir {info.run_dir}")
+    metrics = f"  metrics {info.metrics}" if info.metrics else ""
+    print(f"fmplexd {info.version}  epoch {info.epoch:x}  up {info.uptime_s:.0f}s  run dir "
+          f"{info.run_dir}{metrics}")
     from fmplex.render import backbone_lines
     print("\n".join(backbone_lines(info.backbones, tasks, info.load)))
     for r in info.regions:
         print(f"  region {r.name:32s} {r.kind:9s} {r.bytes / 2**20:9.2f} MiB")
     return 0
+
+
+def cmd_gateway(args) -> int:
+    try:
+        from fmplex.gateway.server import serve
+    except ImportError as e:
+        print(f"fmplex: the gateway needs its extra: pip install 'fmplex[gateway]' ({e})",
+              file=sys.stderr)
+        return 2
+    return serve(args.listen, args.api_keys, args.run_dir, int(args.max_body_mb * 2**20),
+                 args.request_timeout)
 
 
 def cmd_demo(args) -> int:
@@ -163,10 +221,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_generate)
     t = sub.add_parser("task", help="task lifecycle").add_subparsers(dest="action", required=True)
-    for name in ("run", "deploy"):
-        q = t.add_parser(name)
-        q.add_argument("spec")
-        q.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
+    q = t.add_parser("run")
+    q.add_argument("spec")
+    q.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
+    q = t.add_parser("deploy")
+    q.add_argument("spec", nargs="+")
+    q.add_argument("--parallel", type=int, default=4, help="deployments at once (several specs)")
     t.add_parser("list")
     q = t.add_parser("update")
     q.add_argument("name")
@@ -185,6 +245,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("task", nargs="?")
     p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the task to be ready")
     p.set_defaults(fn=cmd_info)
+    p = sub.add_parser("gateway", help="OpenAI-compatible HTTP gateway to the tasks")
+    p.add_argument("--listen", default="127.0.0.1:8000", help="HOST:PORT (port 0: any free one)")
+    p.add_argument("--api-keys", help="TOML file of API keys and their owners; without one the "
+                   "gateway listens on loopback only and every caller is this user")
+    p.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body")
+    p.add_argument("--request-timeout", type=float, default=300.0,
+                   help="seconds a request may take (a request may set timeout_ms)")
+    p.set_defaults(fn=cmd_gateway)
     p = sub.add_parser("demo", help="the main job on the embedded backbone")
     p.add_argument("--requests", type=int, default=400)
     p.add_argument("--clients", type=int, default=8)

@@ -58,6 +58,8 @@ class LocalDaemon:
         self.notify.bind(self.notify_path)
         self.config_path = os.path.join(self.dir, "fmplexd.toml")
         tables = "".join(f'[[backbone]]\nname = "{n}"\npath = "{p}"\n' for n, p in backbones.items())
+        if "metrics_listen" not in config:       # many daemons at once: each on a free port
+            config += '\nmetrics_listen = "127.0.0.1:0"'   # (its URL: InfoReply.metrics)
         with open(self.config_path, "w") as f:
             f.write(f'run_dir = "{self.run_dir}"\nthreads = {threads}\n{config}\n{tables}')
         self.env = dict(os.environ, NOTIFY_SOCKET=self.notify_path, FMPLEX_RUN_DIR=self.run_dir,

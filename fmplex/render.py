@@ -64,12 +64,12 @@ def backbone_lines(backbones: list[BackboneInfo], tasks: list[TaskStats],
 def task_table(tasks: list[TaskStats]) -> str:
     head = (f"{'task':24s} {'state':8s} {'ver':>4s} {'weight':>6s} {'queued':>6s} {'req/s':>7s} "
             f"{'requests':>8s} {'p50 ms':>7s} {'p99 ms':>7s} {'errors':>6s} {'timeouts':>8s} "
-            f"{'overload':>8s} {'restarts':>8s}")
+            f"{'overload':>8s} {'restarts':>8s} {'cached':>7s}")
     rows = [head, "-" * len(head)]
     for t in sorted(tasks, key=lambda t: t.name):
         rows.append(f"{t.name:24s} {t.state.value:8s} {t.version:4d} {t.weight:6.2f} {t.queued:6d} "
                     f"{t.rate:7.1f} {t.requests:8d} {t.p50_ms:7.1f} {t.p99_ms:7.1f} {t.errors:6d} "
-                    f"{t.timeouts:8d} {t.overloaded:8d} {t.restarts:8d}")
+                    f"{t.timeouts:8d} {t.overloaded:8d} {t.restarts:8d} {t.cache_hits:7d}")
     return "\n".join(rows)
 
 

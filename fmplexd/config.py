@@ -30,6 +30,9 @@ backbone. Built once, never rewritten after construction.
                                        # off; auto = v2 where delegated (systemd Delegate=yes),
                                        # else v1 where writable, else none (fmplexd.cgroups)
     drain_timeout_s = 10.0             # SIGTERM: time to finish in-flight work
+    metrics_listen = "127.0.0.1:9740"  # Prometheus /metrics (HOST:PORT; port 0 = any free one,
+                                       # see `fmplex info`; "" = off). It names every tenant's
+                                       # tasks: keep it on loopback or a scrape-only network
 
     [[backbone]]
     name = "default"
@@ -42,7 +45,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field, fields
 
-from ipc.addresses import default_run_dir
+from ipc.addresses import default_run_dir, parse_listen
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -76,6 +79,7 @@ class DaemonConfig:
     task_nice: int = 10
     task_cgroups: str = "auto"
     drain_timeout_s: float = 10.0
+    metrics_listen: str = "127.0.0.1:9740"
     backbones: tuple[BackboneConfig, ...] = (BackboneConfig(),)
 
     def __post_init__(self):
@@ -101,6 +105,8 @@ class DaemonConfig:
             raise ValueError("task_cgroups must be auto, v2, v1 or off")
         if self.kv_pool_mb <= 0 or self.kv_block_tokens < 1 or self.max_sequences < 1:
             raise ValueError("need kv_pool_mb > 0, kv_block_tokens >= 1 and max_sequences >= 1")
+        if self.metrics_listen:
+            parse_listen(self.metrics_listen)
 
     def lanes_and_threads(self) -> tuple[int, int]:
         """(executor lanes, torch threads per lane), the zeros resolved for this machine's cores:

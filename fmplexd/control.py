@@ -2,9 +2,11 @@
 
 Requests and replies (docs/protocol.md has the fields):
     Hello -> Welcome               Info -> InfoReply           ListTasks -> TaskList
+    (listings are tenant-private: a caller sees the tasks it may act for, fmplexd.auth)
     Register -> Registered         RemoveTask -> Ok            Deploy -> Ok (once the task serves)
     TaskCommand -> Ok / Error      (relayed to the task's process, its reply relayed back)
     Resolve -> Endpoint            Health -> HealthReply (long-polls with wait_ms)
+    (Resolve refuses, "permission denied", a caller that could not connect to the endpoint)
 Managing a task (remove, deploy, command) follows the one authorization rule (fmplexd.auth).
 The API sees the sessions service, the supervisor's deploy, the relays and a reply callable.
 """
@@ -37,6 +39,7 @@ class DaemonFacts:
     backbones: Callable[[], list[BackboneInfo]]
     regions: Callable[[], list[RegionInfo]]         # the backbones' regions
     load: Callable[[], list[BackboneStats]]         # the backbones' batches and KV use
+    metrics: Callable[[], str] = lambda: ""         # the Prometheus URL, once serving
 
 
 class ControlApi:
@@ -81,9 +84,9 @@ class ControlApi:
         if isinstance(msg, Hello):
             return self.welcome(msg)
         if isinstance(msg, Info):
-            return self._info(msg.ref)
+            return self._info(msg.ref, uid)
         if isinstance(msg, ListTasks):
-            return TaskList(ref=msg.ref, tasks=self.sessions.stats(time.monotonic()))
+            return TaskList(ref=msg.ref, tasks=self.sessions.stats(time.monotonic(), viewer=uid))
         if isinstance(msg, Register):
             return self.sessions.register(msg, uid, identity=None)
         if isinstance(msg, RemoveTask):
@@ -104,7 +107,7 @@ class ControlApi:
                                               canary_percent=msg.canary_percent))
             return None                       # answered when the task answers (Relays.finish)
         if isinstance(msg, Resolve):
-            entry = self.sessions.get(msg.name)
+            entry = self.sessions.reachable(msg.name, uid)
             if not entry.endpoint:
                 raise FmplexError(ErrorCode.TASK_UNAVAILABLE, f"task {msg.name} has no endpoint")
             return Endpoint(ref=msg.ref, name=msg.name, address=entry.endpoint,
@@ -113,12 +116,13 @@ class ControlApi:
             return self._health(msg)
         raise FmplexError(ErrorCode.UNEXPECTED, msg.TYPE)
 
-    def _info(self, ref: int) -> InfoReply:
+    def _info(self, ref: int, uid: int | None) -> InfoReply:
         f = self.facts
         return InfoReply(ref=ref, epoch=f.epoch, version=__version__,
                          uptime_s=time.monotonic() - f.started, run_dir=f.run_dir,
-                         backbones=f.backbones(), regions=f.regions() + self.sessions.regions(),
-                         load=f.load())
+                         backbones=f.backbones(),
+                         regions=f.regions() + self.sessions.regions(viewer=uid),
+                         load=f.load(), metrics=f.metrics())
 
     def _health(self, msg: Health) -> HealthReply:
         if not msg.name:

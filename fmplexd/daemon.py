@@ -15,6 +15,8 @@ heartbeats and control requests meanwhile):
                    same shared weights: every core computes forwards, none is oversubscribed
                    (on a GPU the same shape maps to CUDA streams).
     housekeeping   heartbeats out, liveness in, deadline expiry, relay expiry, watchdog
+Metrics (fmplexd.metrics): Prometheus at `metrics_listen`, fed by the sessions' observer hook and
+each batch of the engine loop, the rest read from the daemon's figures at scrape time.
 Signal handlers only set `stopping`; shutdown drains in-flight work, tells tasks, and exits.
 """
 from __future__ import annotations
@@ -36,6 +38,8 @@ from fmplexd.control import ControlApi, DaemonFacts
 from fmplexd.engine import Engine
 from fmplexd.families import load_backbone
 from fmplexd.handle_plane import HandlePolicy
+from fmplexd.metrics import DaemonMetrics, Snapshot
+from fmplexd.progress import Progress
 from fmplexd.relays import Relays
 from fmplexd.sessions import Sessions
 from fmplexd.supervisor import Supervisor
@@ -44,7 +48,7 @@ from ipc import codec, transport
 from ipc.addresses import RunDir
 from ipc.errors import ErrorCode, FmplexError, ProtocolError
 from ipc.handles import HandleServer
-from ipc.messages import PROTOCOL_VERSION, Hello, Message, RegionInfo, Welcome
+from ipc.messages import PROTOCOL_VERSION, Hello, Message, RegionInfo, TaskState, Welcome
 from ipc.zap import ZapRequest, ZapServer
 
 log = logging.getLogger("fmplexd")
@@ -61,17 +65,25 @@ class Daemon:
         self.started = time.monotonic()
         self.lanes, threads = config.lanes_and_threads()
         torch.set_num_threads(threads)
-        backbones = {}
-        for b in config.backbones:
-            self.notify(status=f"loading backbone {b.name}", extend_timeout_s=120)
+        backbones, progress = {}, Progress(self.notify)
+        for i, b in enumerate(config.backbones):
+            what = f"loading backbone {b.name} ({i + 1}/{len(config.backbones)})"
+            progress(what, stage=what, extend_timeout_s=120)
             workdir = os.path.join(self.run_dir.path, "backbones", b.name)
-            backbones[b.name] = load_backbone(b.name, b.path, b.dtype, workdir)
+            backbones[b.name] = load_backbone(
+                b.name, b.path, b.dtype, workdir,
+                progress=lambda step, what=what: progress(f"{what}: {step}", stage=what))
         self.backbones = backbones
+        progress("warming up the executors", stage="warm-up")
         self.engine = Engine(backbones, config)
         self.engine.warm_up()
+        progress.done(f"loaded {len(backbones)} backbone(s)")
+        self._status = ""
         self.authority = Authority(config.trust_root)
         self.sessions = Sessions(self.engine, self.authority, self.run_dir, config.heartbeat_ms,
                                  config.liveness_ms, config.keep_slot_on_death)
+        self.metrics = DaemonMetrics()
+        self.sessions.observe(self.metrics)
         self.stopping = False
         self.failed = False
         self.wake = asyncio.Event()
@@ -105,8 +117,9 @@ class Daemon:
         relays = Relays(self._reply_control)
         self.task_plane = TaskPlane(self.sessions, relays, self._welcome, self._reply_task,
                                     lambda: self.stopping, self.wake.set)
+        self._serve_metrics()
         facts = DaemonFacts(self.epoch, self.started, self.run_dir.path, self.engine.infos,
-                            self._backbone_regions, self.engine.load)
+                            self._backbone_regions, self.engine.load, lambda: self.metrics.url)
         self.control = ControlApi(self.sessions, relays, facts, self._welcome,
                                   self.supervisor.deploy, self.supervisor.forget,
                                   self._reply_control, lambda: self.stopping)
@@ -120,13 +133,31 @@ class Daemon:
             *(self.lane(i) for i in range(self.lanes)))]
         for t in loops:
             t.add_done_callback(self._loop_ended)
-        self.notify(ready=True, status=f"serving {len(self.backbones)} backbone(s)")
+        self._status = f"serving {len(self.backbones)} backbone(s)"
+        self.notify(ready=True, status=self._status)
         log.info("fmplexd ready in %s (epoch %x)", self.run_dir.path, self.epoch)
         try:
             await self._stop.wait()
         finally:
             self.notify(stopping=True, status="draining")
             await self.shutdown(loops)
+
+    def _serve_metrics(self) -> None:
+        """Prometheus at `metrics_listen`; a failure to bind is logged, and serving goes on."""
+        if not self.config.metrics_listen:
+            return
+        try:
+            url = self.metrics.serve(self.config.metrics_listen, self._metrics_snapshot,
+                                     asyncio.get_running_loop())
+            log.info("metrics at %s", url)
+        except OSError as e:
+            log.error("no metrics: cannot listen at %s (%s)", self.config.metrics_listen, e)
+
+    def _metrics_snapshot(self) -> Snapshot:
+        now = time.monotonic()
+        return Snapshot(tasks=self.sessions.stats(now), backbones=self.engine.load(),
+                        region_bytes={n: b.manifest.size for n, b in self.backbones.items()},
+                        uptime_s=now - self.started)
 
     def _loop_ended(self, task: asyncio.Task) -> None:
         """A loop must never end on its own: log why, and stop the daemon (exit status 1) so that
@@ -149,6 +180,7 @@ class Daemon:
             if time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.01)
+        self.metrics.close()
         await self.supervisor.stop_all()
         self.sessions.end_all(ErrorCode.SHUTTING_DOWN, "daemon shutting down")
         for t in loops:
@@ -196,6 +228,7 @@ class Daemon:
                 self.in_flight -= 1
                 del self.batch_started[lane]
             t1 = time.monotonic()
+            self.metrics.batch(work.batch.group, work.tokens, t1 - t0)
             self.sessions.deliver(self.engine.finish(work, outputs, t0, t1), t1)
             self.sessions.ack_drained()
             if self.lanes > 1:
@@ -223,8 +256,20 @@ class Daemon:
                 last_beat = now
                 self.sessions.heartbeat()
             self.relays.expire(now)
+            self._tell_status()
             if all(now - t0 < STALLED_FORWARD_S for t0 in self.batch_started.values()):
                 self.notify(watchdog=True)      # a wedged forward stops the watchdog: restart us
+
+    def _tell_status(self) -> None:
+        """systemd's STATUS= while serving: the tasks ready of those known (deploying many tasks,
+        or restoring them after a restart, shows as it goes); sent only when it changes."""
+        tasks = self.sessions.entries()
+        ready = sum(e.state is TaskState.READY for e in tasks)
+        status = (f"serving {len(self.backbones)} backbone(s); tasks: {ready} ready"
+                  + (f", {len(tasks) - ready} not ready" if len(tasks) > ready else ""))
+        if status != self._status:
+            self._status = status
+            self.notify(status=status)
 
     # -- replies ------------------------------------------------------------------------------
 

@@ -60,6 +60,8 @@ class TaskEntry:
     served_before: int = 0             # served tokens / overloads / device time of earlier
     overloaded_before: int = 0         # sessions
     device_before_s: float = 0.0
+    cache: tuple[int, int, int] = (0, 0, 0)          # this session's result cache: hits, misses,
+    cache_before: tuple[int, int] = (0, 0)           # bytes (CacheStats); hits, misses of earlier
     latency: LatencyWindow = field(default_factory=LatencyWindow)
     staged: tuple | None = None        # (slot, spec) granted for writing, not yet committed
     pending_acks: list = field(default_factory=list)   # (view being retired, Committed reply)
@@ -78,7 +80,9 @@ class TaskEntry:
             errors=self.errors, timeouts=self.timeouts,
             overloaded=self.overloaded_before + overloaded, p50_ms=p50, p99_ms=p99,
             rate=self.latency.rate(now), restarts=self.restarts, endpoint=self.endpoint,
-            backbone=self.config.backbone, device_ms=(self.device_before_s + device_s) * 1e3)
+            backbone=self.config.backbone, device_ms=(self.device_before_s + device_s) * 1e3,
+            family=self.config.family, cache_hits=self.cache_before[0] + self.cache[0],
+            cache_misses=self.cache_before[1] + self.cache[1], cache_bytes=self.cache[2])
 
 
 class Registry:

@@ -23,6 +23,7 @@ class Notifier:
                 address = "\0" + address[1:]
             self._target = address
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._sock.setblocking(False)   # a listener that stops reading must not stall the loop
 
     @classmethod
     def from_environ(cls, environ=os.environ) -> "Notifier":
@@ -53,4 +54,4 @@ class Notifier:
             try:
                 self._sock.sendto(("\n".join(lines) + "\n").encode(), self._target)
             except OSError:
-                pass      # systemd gone or not listening: nothing useful to do
+                pass      # systemd gone, not listening or its queue full: the update is dropped

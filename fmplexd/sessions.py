@@ -14,7 +14,8 @@ Rules:
   still hear it) and frees its slot unless keep_slot_on_death says otherwise.
 - Every message to a task goes through `send`: a peer that is gone means the task died.
 Listeners (the supervisor, readiness long-polls) learn `task_ready(name)` and
-`task_died(name, reason, pid)`.
+`task_died(name, reason, pid)`; observers (metrics) learn each request's end: `request_done(entry,
+latency_s)` or `request_failed(entry, code)`.
 """
 from __future__ import annotations
 
@@ -32,16 +33,22 @@ from ipc import transport
 from ipc.addresses import RunDir
 from ipc.errors import ErrorCode, FmplexError, ProtocolError
 from ipc.handles import Credentials
-from ipc.messages import (PROTOCOL_VERSION, Commit, Committed, Error, Heartbeat, Message,
+from ipc.messages import (PROTOCOL_VERSION, CacheStats, Commit, Committed, Error, Heartbeat, Message,
                           PrepareUpdate, Register, Registered, RegionInfo, TaskState, TaskStats,
                           UpdateReady)
 
 log = logging.getLogger("fmplexd.sessions")
+ALL_TASKS = -1           # a `viewer` that sees every task (the daemon's own loops, metrics)
 
 
 class Listener(Protocol):
     def task_ready(self, name: str) -> None: ...
     def task_died(self, name: str, reason: str, pid: int) -> None: ...
+
+
+class Observer(Protocol):
+    def request_done(self, task: TaskEntry, latency_s: float) -> None: ...
+    def request_failed(self, task: TaskEntry, code: ErrorCode) -> None: ...
 
 
 class Sessions:
@@ -53,6 +60,7 @@ class Sessions:
         self.liveness = transport.Liveness(liveness_ms / 1e3)
         self._send: Callable[[bytes, Message], None] | None = None
         self._listeners: list[Listener] = []
+        self._observers: list[Observer] = []
         self._beat = 0
 
     def attach(self, send: Callable[[bytes, Message], None]) -> None:
@@ -62,6 +70,9 @@ class Sessions:
 
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
+
+    def observe(self, observer: Observer) -> None:
+        self._observers.append(observer)
 
     # -- lookups --------------------------------------------------------------------------------
 
@@ -86,6 +97,16 @@ class Sessions:
         self.authority.check(uid, entry.config.owner_uid, f"manage task {name}")
         return entry
 
+    def reachable(self, name: str, uid: int | None) -> TaskEntry:
+        """The task, if `uid` can reach its endpoint: over ipc:// (the owner and root), or over
+        tcp:// with CURVE when the task has one (its keys decide there). Otherwise UNAUTHORIZED,
+        saying so, rather than an endpoint the caller would wait on in vain."""
+        entry = self.get(name)
+        if not self.authority.reaches(uid, entry.config.owner_uid) and not entry.tcp_endpoint:
+            raise FmplexError(ErrorCode.UNAUTHORIZED,
+                              f"permission denied: task {name} belongs to another owner")
+        return entry
+
     def acting(self, epoch: int, uid: int | None, identity: bytes, now: float) -> TaskEntry:
         """The session's task for a task-plane message of `identity` (uid from ZAP): it must be
         a current session and the peer must act for its owner. The peer is then seen alive."""
@@ -97,17 +118,26 @@ class Sessions:
         self.liveness.seen(entry.session, now)
         return entry
 
-    def stats(self, now: float) -> list[TaskStats]:
+    def stats(self, now: float, viewer: int | None = ALL_TASKS) -> list[TaskStats]:
+        """Every task's stats; with a `viewer` uid (None: unknown), only the tasks it may act for
+        (tenant-private listings)."""
         out = []
-        for entry in self.registry.by_name.values():
+        for entry in self._visible(viewer):
             s = self.engine.task_stats(entry.session)
             out.append(entry.stats(s["queued"], s["served_tokens"], s["overloaded"], now,
                                    s["device_s"]))
         return out
 
-    def regions(self) -> list[RegionInfo]:
+    def regions(self, viewer: int | None = ALL_TASKS) -> list[RegionInfo]:
+        """Slot regions (of the tasks `viewer` may act for, as in `stats`)."""
         return [RegionInfo(name=f"slot:{e.name}", kind="slot", bytes=e.slot.size)
-                for e in self.registry.by_name.values() if e.slot.fd >= 0]
+                for e in self._visible(viewer) if e.slot.fd >= 0]
+
+    def _visible(self, viewer: int | None) -> list[TaskEntry]:
+        entries = list(self.registry.by_name.values())
+        if viewer == ALL_TASKS:
+            return entries
+        return [e for e in entries if self.authority.allows(viewer, e.config.owner_uid)]
 
     def live(self, entry: TaskEntry) -> bool:
         return entry.state in (TaskState.READY, TaskState.WAITING) and (
@@ -173,9 +203,15 @@ class Sessions:
         except FmplexError as e:
             if e.code is not ErrorCode.OVERLOADED:
                 entry.errors += 1
+            for o in self._observers:
+                o.request_failed(entry, e.code)
             self.send(entry, self._admission(entry, Error(msg.ref, e.code, e.message,
                                                           epoch=entry.session)))
             return False
+
+    def cache_report(self, entry: TaskEntry, msg: CacheStats) -> None:
+        """The task's result cache (its own memory): counted in its stats, never trusted further."""
+        entry.cache = (msg.hits, msg.misses, msg.bytes)
 
     def cancel(self, entry: TaskEntry, ref: int, now: float) -> None:
         """Stop the task's streaming request `ref`; its final message goes out now or when the
@@ -298,10 +334,14 @@ class Sessions:
                     entry.timeouts += 1
                 elif msg.code is not ErrorCode.OVERLOADED:
                     entry.errors += 1
+                for o in self._observers:
+                    o.request_failed(entry, msg.code)
             elif d.final:
                 entry.requests += 1
                 if d.latency_s is not None:
                     entry.latency.add(d.latency_s, now)
+                    for o in self._observers:
+                        o.request_done(entry, d.latency_s)
             self.send(entry, self._admission(entry, msg))
 
     def _admission(self, entry: TaskEntry, msg: Message) -> Message:
@@ -333,6 +373,9 @@ class Sessions:
         entry.served_before += stats["served_tokens"]
         entry.overloaded_before += stats["overloaded"]
         entry.device_before_s += stats["device_s"]
+        entry.cache_before = (entry.cache_before[0] + entry.cache[0],
+                              entry.cache_before[1] + entry.cache[1])
+        entry.cache = (0, 0, 0)
         dropped: list[Pending] = self.engine.remove_task(entry.session)
         if state is not TaskState.DEAD:
             for p in dropped:

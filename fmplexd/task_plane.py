@@ -14,7 +14,7 @@ from fmplexd.relays import Relays
 from fmplexd.sessions import Sessions
 from ipc import codec, transport
 from ipc.errors import ErrorCode, FmplexError, ProtocolError
-from ipc.messages import (Cancel, Commit, Error, Generate, Heartbeat, Hello, Message, Ok,
+from ipc.messages import (CacheStats, Cancel, Commit, Error, Generate, Heartbeat, Hello, Message, Ok,
                           PrepareUpdate, Register, Submit, SubmitImages, SubmitSeries, Unregister,
                           Welcome)
 
@@ -24,7 +24,7 @@ SESSION_REQUESTS = frozenset({Submit, SubmitImages, SubmitSeries, Generate})   #
 
 class TaskPlane:
     ACCEPTED = frozenset({Hello, Register, Commit, PrepareUpdate, Unregister, Heartbeat, Cancel,
-                          Ok, Error}) | SESSION_REQUESTS
+                          CacheStats, Ok, Error}) | SESSION_REQUESTS
 
     def __init__(self, sessions: Sessions, relays: Relays, welcome: Callable[[Hello], Welcome],
                  reply: Callable[[bytes, Message], None], stopping: Callable[[], bool],
@@ -73,4 +73,6 @@ class TaskPlane:
         elif isinstance(msg, Unregister):
             self.sessions.unregister(entry)
             self.reply(env.identity, Ok(ref=msg.ref))
+        elif isinstance(msg, CacheStats):
+            self.sessions.cache_report(entry, msg)
         # Heartbeat: being seen is all it does.

@@ -6,6 +6,8 @@
     {run_dir}/tenants/{uid}/        one directory per tenant, mode 0700, owned by the tenant
     {run_dir}/tenants/{uid}/{task}.sock   a task's client endpoint (ROUTER, ipc://)
 
+`parse_listen` reads the HOST:PORT of fmplex's HTTP listeners (fmplexd's metrics, the gateway).
+
 The run directory is FMPLEX_RUN_DIR if set, else /run/fmplex for root (systemd's RuntimeDirectory),
 else $XDG_RUNTIME_DIR/fmplex, else /tmp/fmplex-{uid}. ipc:// paths may be at most 107 bytes long.
 """
@@ -15,6 +17,14 @@ import os
 from dataclasses import dataclass
 
 MAX_IPC_PATH = 107
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """"HOST:PORT" or "[V6]:PORT" -> (host, port); ValueError otherwise. Port 0 = any free one."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{value!r}: want HOST:PORT")
+    return host.strip("[]"), int(port)
 
 
 def default_run_dir() -> str:

@@ -303,6 +303,10 @@ class TaskStats:
     backbone: Annotated[str, Str(64)] = ""        # the backbone it runs on
     device_ms: Annotated[float, Float(0)] = 0.0   # forward time its requests took (each batch's
                                                   # time split by the requests' costs)
+    family: Annotated[Family, Enum(Family)] = Family.TEXT_ENCODER   # its backbone's family
+    cache_hits: Annotated[int, Int(0)] = 0        # requests its process answered from its result
+    cache_misses: Annotated[int, Int(0)] = 0      # cache (as its cache_stats report them); hits
+    cache_bytes: Annotated[int, Int(0)] = 0       # never reach the daemon, so not in `requests`
 
 
 @dataclass(frozen=True, slots=True)
@@ -549,6 +553,19 @@ class Command(Message):
     canary_percent: Annotated[int, Int(0, 100)] = 0
 
 
+@dataclass(frozen=True, slots=True)
+class CacheStats(Message):
+    """Task -> daemon: the session's result cache so far (tasklets/cache.py), cumulative over the
+    session; sent at most once per heartbeat period, and only when it changed. Counts as a sign of
+    life like a heartbeat."""
+    TYPE: ClassVar[str] = "cache_stats"
+    epoch: Annotated[int, EPOCH]
+    hits: Annotated[int, U64]
+    misses: Annotated[int, U64]
+    entries: Annotated[int, U64]
+    bytes: Annotated[int, U64]
+
+
 # ---------------------------------------------------------------- control socket
 
 @dataclass(frozen=True, slots=True)
@@ -569,6 +586,7 @@ class InfoReply(Message):
     regions: Annotated[list[RegionInfo], ListOf(Struct(RegionInfo), 100_000)]
     load: Annotated[list[BackboneStats], ListOf(Struct(BackboneStats), 64)] = field(
         default_factory=list)
+    metrics: Annotated[str, Str(512)] = ""        # the Prometheus URL ("" when not serving one)
 
 
 @dataclass(frozen=True, slots=True)
@@ -674,6 +692,8 @@ class InferReply(Message):
     similarity: Annotated[list[float] | None, Optional(ListOf(Float(), MAX_SEQUENCES))] = None
     tokens: Annotated[list[list[TokenLabel]] | None,
                       Optional(ListOf(ListOf(Struct(TokenLabel), MAX_SEQ_TOKENS), MAX_SEQUENCES))] = None
+    prompt_tokens: Annotated[int, Int(0)] = 0     # text tasks: tokens of all inputs as run (after
+                                                  # truncation, special tokens included)
 
 
 @dataclass(frozen=True, slots=True)
@@ -949,7 +969,7 @@ class ClusterStatusReply(Message):
 ALL_MESSAGES: tuple[type[Message], ...] = (
     Error, Ok, Hello, Welcome, Heartbeat,
     Register, Registered, Submit, Result, Generate, Tokens, Cancel, PrepareUpdate, UpdateReady,
-    Commit, Committed, Unregister, Command,
+    Commit, Committed, Unregister, Command, CacheStats,
     Info, InfoReply, ListTasks, TaskList, RemoveTask, Deploy, TaskCommand, Resolve, Endpoint,
     Health, HealthReply,
     Infer, InferReply, GenerateText, TextDelta, GenerateReply, CancelRequest,

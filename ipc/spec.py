@@ -22,6 +22,8 @@ it lives here, below both. Pure Python (tomllib); no torch.
                                          #   the mean of the patch rows; series: the last step's
                                          #   features or the mean over the observed steps
     top_k = 1                            # default labels returned per input
+    cache_mb = 0                         # result cache in the task process, MiB (0 = off): a
+                                         #   repeated request is answered from it (tasklets.cache)
 
     [extension]                          # all optional; paths are relative to this file
     adapter = "adapters/sentiment"       # PEFT adapter directory (LoRA, IA3 or prompt tuning)
@@ -131,6 +133,7 @@ class TaskSpec:
     system_prompt: str = ""
     generation: GenerationDefaults = GenerationDefaults()
     memory_mb: int = 0
+    cache_mb: float = 0.0
 
     def task_config(self, variant: str = "") -> TaskConfig:
         return TaskConfig(name=self.name + (f"@{variant}" if variant else ""),
@@ -140,7 +143,8 @@ class TaskSpec:
 
 
 _TOP = {"name", "pipeline", "backbone", "owner", "weight", "queue_limit", "deadline_ms", "labels",
-        "pooling", "top_k", "extension", "endpoint", "system_prompt", "generation", "memory_mb"}
+        "pooling", "top_k", "extension", "endpoint", "system_prompt", "generation", "memory_mb",
+        "cache_mb"}
 _GENERATION = {"max_tokens", "temperature", "top_p", "top_k", "stop"}
 _EXT = {"adapter", "head", "head_activation"}
 _ENDPOINT = {"tcp", "authorized_keys"}
@@ -192,7 +196,8 @@ def parse_spec(text: str, base_dir: str | None = None) -> TaskSpec:
                               _get(ext, "head_activation", str, "relu")),
         tcp=_get(endpoint, "tcp", str, ""), authorized_keys=keys,
         system_prompt=_get(data, "system_prompt", str, ""), generation=_generation(gen),
-        memory_mb=int(_number(data, "memory_mb", 0, 0, 1 << 24, integer=True)))
+        memory_mb=int(_number(data, "memory_mb", 0, 0, 1 << 24, integer=True)),
+        cache_mb=float(_number(data, "cache_mb", 0, 0, 1 << 20)))
     if (spec.system_prompt or gen) and pipeline is not Pipeline.GENERATION:
         raise SpecError("system_prompt" if spec.system_prompt else "generation",
                         f"only a {Pipeline.GENERATION.value} task takes it")
@@ -254,6 +259,12 @@ def _enum(cls, field: str, value: str):
 
 
 def _owner(value) -> int:
+    return owner_uid(value, "owner")
+
+
+def owner_uid(value, field: str) -> int:
+    """A user name or uid (None: the current user) -> uid; SpecError naming `field` otherwise.
+    (Also the gateway's API-key owners.)"""
     if value is None:
         return os.getuid()
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
@@ -264,8 +275,8 @@ def _owner(value) -> int:
         try:
             return pwd.getpwnam(value).pw_uid
         except KeyError:
-            raise SpecError("owner", f"no user named {value!r}") from None
-    raise SpecError("owner", "must be a user name or a uid")
+            raise SpecError(field, f"no user named {value!r}") from None
+    raise SpecError(field, "must be a user name or a uid")
 
 
 def _path(base_dir: str | None, value: str | None) -> str | None:

@@ -279,6 +279,10 @@ class DaemonLink:
         """Answer the daemon (e.g. a relayed Command)."""
         transport.send(self.sock, msg)
 
+    def notify(self, msg) -> None:
+        """Tell the daemon something that needs no answer (CacheStats); DaemonLost if lost."""
+        self._send_checked(msg)
+
     # -- internals ----------------------------------------------------------------------------
 
     def _map_slot(self, grant: SlotGrant) -> MappedRegion:

@@ -10,7 +10,10 @@ lifecycle commands relayed by the daemon:
                                    requests to it (its stats are its own task entry in the daemon)
     promote / rollback             make the canary the only version / drop it
     stop                           unregister and exit
-Standard task processes never import torch.
+With `cache_mb` in the spec, repeated deterministic requests are answered from the process's own
+result cache (tasklets.cache), keyed by version and emptied on update, promote, rollback and
+re-registration; its counts go to the daemon (CacheStats) once per heartbeat period when they
+changed. Standard task processes never import torch.
 """
 from __future__ import annotations
 
@@ -25,9 +28,11 @@ import zmq.asyncio
 
 from ipc.addresses import RunDir, default_run_dir
 from ipc.errors import TASK_EXIT_PREFIX, ErrorCode, FmplexError, ProtocolError
-from ipc.messages import PROTOCOL_VERSION, BackboneInfo, Command, Error, HeadInput, Message, Ok, Op
+from ipc.messages import (PROTOCOL_VERSION, BackboneInfo, CacheStats, Command, Error, HeadInput,
+                          Message, Ok, Op)
 from ipc.spec import TaskSpec, load_spec, parse_spec
 from tasklets.adapters import Extension, build_extension, validate
+from tasklets.cache import ResultCache, replay
 from tasklets.daemon_link import DaemonLink, DaemonLost, Session, SessionCall
 from tasklets.endpoint import ClientChannel, ClientEndpoint
 from tasklets.pipelines import Pipeline, make_pipeline
@@ -71,6 +76,8 @@ class TaskProcess:
         self.endpoint: ClientEndpoint | None = None
         self.stop = asyncio.Event()
         self.registered = asyncio.Event()      # set while the main version holds a session
+        self.cache = ResultCache(int(spec.cache_mb * 2**20)) if spec.cache_mb > 0 else None
+        self._reported: dict[int, tuple] = {}  # session epoch -> the counts it was told last
         self._rng = random.Random()
 
     async def run(self) -> None:
@@ -88,9 +95,12 @@ class TaskProcess:
         self.endpoint.start()
         log.info("task %s serving at %s (version %d)", self.spec.name, self.address,
                  self.main.session.version)
-        watcher = loop.create_task(self._reconnect_forever())
+        watchers = [loop.create_task(self._reconnect_forever())]
+        if self.cache is not None:
+            watchers.append(loop.create_task(self._report_cache()))
         await self.stop.wait()
-        watcher.cancel()
+        for w in watchers:
+            w.cancel()
         await self._shutdown()
 
     # -- serving ------------------------------------------------------------------------------
@@ -115,14 +125,47 @@ class TaskProcess:
         if session is None:                       # a canary dropped while we waited
             variant, session = self.main, self.main.session
         call = SessionCall(self.link, session, variant.name)
+        version, key = session.version, self._cache_key(variant, session.version, msg)
+        if key is not None:
+            hit = self.cache.get(key, variant.name, msg.ref)
+            if hit is not None:
+                replay(hit, msg, client.send)
+                return hit
         call.reserve()                       # no room in the daemon's queue: refused before work
         try:
-            return await asyncio.wait_for(variant.pipeline.serve(msg, call, client, deadline_ms),
-                                          deadline_ms / 1e3)
+            reply = await asyncio.wait_for(variant.pipeline.serve(msg, call, client, deadline_ms),
+                                           deadline_ms / 1e3)
         except asyncio.TimeoutError:
             raise FmplexError(ErrorCode.TIMEOUT, f"no result within {deadline_ms} ms") from None
         finally:
             call.release()
+        if key is not None and getattr(reply, "version", None) == version:
+            self.cache.put(key, variant.name, reply)       # (a version committed meanwhile: not)
+        return reply
+
+    def _cache_key(self, variant: Variant, version: int, msg: Message) -> bytes | None:
+        if self.cache is None:
+            return None
+        return self.cache.key(variant.name, version, variant.spec.pipeline.value, msg,
+                              greedy_default=variant.spec.generation.temperature == 0)
+
+    async def _report_cache(self) -> None:
+        """Each heartbeat period: every variant's cache counts, to its session, if they changed."""
+        while True:
+            await asyncio.sleep(self.link.welcome.heartbeat_ms / 1e3)
+            for v in (self.main, self.canary):
+                if v is None or v.session is None:
+                    continue
+                c = self.cache.counts[v.name]
+                now = (c.hits, c.misses, c.entries, c.bytes)
+                if self._reported.get(v.session.epoch) == now:
+                    continue
+                try:
+                    self.link.notify(CacheStats(epoch=v.session.epoch, hits=c.hits,
+                                                misses=c.misses, entries=c.entries, bytes=c.bytes))
+                    self._reported[v.session.epoch] = now
+                except FmplexError:
+                    pass                               # reconnecting: told to the next session
 
     # -- daemon connection --------------------------------------------------------------------
 
@@ -149,6 +192,9 @@ class TaskProcess:
         return Variant(name, spec, ext, make_pipeline(spec, info, ext.spec.prompt_tokens))
 
     async def _register(self, v: Variant) -> None:
+        if self.cache is not None:                 # a new session: its counts start at zero,
+            self.cache.clear()                     # and nothing older is served
+            self.cache.counts.pop(v.name, None)
         variant = v.name.partition("@")[2]
         v.session = await self.link.register(
             v.spec.task_config(variant), v.ext.spec, v.ext.tensors, endpoint=self.address,
@@ -183,6 +229,8 @@ class TaskProcess:
         try:
             await asyncio.wait_for(self.registered.wait(), 30)   # a command may beat our Committed
             message = await self._command(cmd)
+            if self.cache is not None and cmd.op is not Op.STOP:
+                self.cache.clear()                 # update, promote, rollback: new answers
             self.link.reply(Ok(ref=cmd.ref, message=message))
         except FmplexError as e:
             self.link.reply(Error(cmd.ref, e.code, e.message, epoch=cmd.epoch))

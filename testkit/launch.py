@@ -5,6 +5,7 @@
                                       cleaned up (conftest prints the logs of live daemons on a
                                       failure), with its tasks' logs
     TaskProc(spec_path, run_dir)      a real `python -m tasklets SPEC` process
+    GatewayProc(run_dir, *args)       a real `fmplex gateway` on a free loopback port (.url)
     Traffic(run_dir, tasks)           a background client that records every outcome
 """
 from __future__ import annotations
@@ -51,22 +52,15 @@ class DaemonProcess(LocalDaemon):
 Daemon = DaemonProcess
 
 
-class TaskProc:
-    """A real task process; start() returns once it logs that it serves."""
+class ChildProc:
+    """A child process whose output (stdout and stderr) is read as it comes: wait_for, stop."""
 
-    def __init__(self, spec_path: str, run_dir: str, env: dict | None = None, preexec=None):
-        self.spec_path, self.run_dir = spec_path, run_dir
-        self.env = dict(os.environ, FMPLEX_RUN_DIR=run_dir, **(env or {}))
-        self.preexec = preexec
-        self.proc: subprocess.Popen | None = None
-        self.output = b""
+    proc: subprocess.Popen | None = None
+    output = b""
 
-    def start(self, timeout_s: float = 60.0, expect: bytes = b" serving at ") -> "TaskProc":
-        self.proc = subprocess.Popen([sys.executable, "-m", "tasklets", self.spec_path],
-                                     env=self.env, cwd=REPO, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, preexec_fn=self.preexec)
-        self.wait_for(expect, timeout_s)
-        return self
+    def spawn(self, argv: list[str], env: dict, preexec=None) -> None:
+        self.proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, preexec_fn=preexec)
 
     def wait_for(self, text: bytes, timeout_s: float) -> None:
         """Read the process's output until `text` appears (or it exits, or time runs out)."""
@@ -80,7 +74,7 @@ class TaskProc:
             if ready:
                 chunk = os.read(fd, 65536)
                 if not chunk:
-                    raise RuntimeError(f"task exited ({self.proc.wait()}): "
+                    raise RuntimeError(f"process exited ({self.proc.wait()}): "
                                        f"{self.output.decode()[-2000:]}")
                 self.output += chunk
 
@@ -98,6 +92,38 @@ class TaskProc:
             self.output += self.proc.stdout.read() or b""
         self.proc.stdout.close()
         return self.proc.returncode
+
+
+class TaskProc(ChildProc):
+    """A real task process; start() returns once it logs that it serves."""
+
+    def __init__(self, spec_path: str, run_dir: str, env: dict | None = None, preexec=None):
+        self.spec_path, self.run_dir = spec_path, run_dir
+        self.env = dict(os.environ, FMPLEX_RUN_DIR=run_dir, **(env or {}))
+        self.preexec = preexec
+
+    def start(self, timeout_s: float = 60.0, expect: bytes = b" serving at ") -> "TaskProc":
+        self.spawn([sys.executable, "-m", "tasklets", self.spec_path], self.env, self.preexec)
+        self.wait_for(expect, timeout_s)
+        return self
+
+
+class GatewayProc(ChildProc):
+    """A real `fmplex gateway --listen 127.0.0.1:0 ARGS...`; start() returns once it serves;
+    `url` is its base (http://127.0.0.1:PORT/v1)."""
+
+    READY = b"fmplex gateway: serving "
+
+    def __init__(self, run_dir: str, *args: str):
+        self.run_dir, self.args, self.url = run_dir, args, ""
+
+    def start(self, timeout_s: float = 60.0) -> "GatewayProc":
+        self.spawn([sys.executable, "-m", "fmplex", "--run-dir", self.run_dir, "gateway",
+                    "--listen", "127.0.0.1:0", *self.args], dict(os.environ))
+        self.wait_for(b"/v1 (", timeout_s)                 # the line names the whole URL
+        line = self.output[self.output.index(self.READY):].split(b"/v1 (", 1)[0].decode()
+        self.url = line.split()[-1] + "/v1"
+        return self
 
 
 def write_spec(directory: str, name: str, body: str) -> str:

@@ -79,8 +79,11 @@ exec(INFER_ONCE)
 # Runs as root, imports everything, then becomes argv[1]'s uid and plays one scenario (argv[2])
 # with JSON arguments (argv[3]); prints one JSON line.
 CHILD = r"""
-import asyncio, json, os, sys
+import asyncio, contextlib, io, json, os, sys
 import numpy as np
+import shutil
+import fmplex.cli, fmplex.client, fmplex.render
+fmplex.cli.parser().parse_args(["info"])         # argparse's own lazy imports, while still root
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 from ipc import aio, transport
@@ -154,6 +157,11 @@ elif mode == "submit":
     out(**submit())
 elif mode == "infer":
     out(**infer_once(arg))
+elif mode == "cli":
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = fmplex.cli.main(["--run-dir", arg["run"], *arg["argv"]])
+    out(code=code, out=stdout.getvalue(), err=stderr.getvalue())
 """ % INFER_ONCE
 
 
@@ -465,3 +473,44 @@ def test_supervisor_runs_a_deployed_task_as_its_owner(world):
             assert c.infer("deployed-nobody", ["x"]).embeddings.shape == (1, HIDDEN)
         finally:
             c.control(RemoveTask(ref=c.ref(), name="deployed-nobody"))
+
+
+# ---------------------------------------------------------------- listings and refusals, as a tenant
+
+def table_names(text: str) -> set[str]:
+    """Task names of `fmplex task list` / `fmplex top --once` (rows after the two header lines)."""
+    return {line.split()[0] for line in text.splitlines()[2:] if line.strip()}
+
+
+def test_a_tenant_lists_only_its_own_tasks_root_lists_all(tenants):
+    d, _, _, _ = tenants
+    with d.client() as c:
+        everything = {t.name: t.owner_uid for t in c.control(ListTasks(ref=c.ref())).tasks}
+    assert {"tenant-root", "tenant-nobody"} <= set(everything)          # root sees all
+    owned = {n for n, uid in everything.items() if uid == NOBODY}
+    for argv in (["task", "list"], ["top", "--once"]):
+        mine = run_as(NOBODY, "cli", run=d.run_dir, argv=argv)
+        assert mine["code"] == 0 and table_names(mine["out"]) == owned, mine
+        stranger = run_as(OTHER, "cli", run=d.run_dir, argv=argv)       # owns nothing
+        assert stranger["code"] == 0 and table_names(stranger["out"]) == set(), stranger
+    info = run_as(NOBODY, "cli", run=d.run_dir, argv=["info"])
+    assert info["code"] == 0 and "slot:tenant-nobody" in info["out"], info
+    others = set(everything) - owned
+    assert not any(name in info["out"] for name in others), info["out"]
+    root_info = subprocess.run([sys.executable, "-m", "fmplex", "--run-dir", d.run_dir, "info"],
+                               capture_output=True, text=True, timeout=WAIT_S, cwd=REPO)
+    assert "slot:tenant-root" in root_info.stdout and "slot:tenant-nobody" in root_info.stdout
+
+
+def test_a_foreign_task_is_refused_with_the_reason(tenants):
+    d, _, _, _ = tenants
+    for uid, task in ((NOBODY, "tenant-root"), (OTHER, "tenant-nobody")):
+        got = run_as(uid, "cli", run=d.run_dir, argv=["infer", task, "hello"])
+        assert got["code"] == 1, got
+        assert got["err"].strip() == (f"fmplex: unauthorized: permission denied: task {task} "
+                                      f"belongs to another owner"), got
+    own = run_as(NOBODY, "cli", run=d.run_dir, argv=["infer", "tenant-nobody", "hello", "--json"])
+    assert own["code"] == 0 and json.loads(own["out"])["task"] == "tenant-nobody", own
+    with d.client() as c:                                                 # root reaches both
+        assert c.control(Resolve(ref=c.ref(), name="tenant-nobody")).address.endswith(
+            "tenant-nobody.sock")

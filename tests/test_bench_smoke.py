@@ -21,6 +21,7 @@ BENCHES = {
     "generate": ("generate.json", {"tasks", "lora_overhead", "fairness", "llamacpp", "goals"}),
     "cluster_chaos": ("cluster_chaos.json", {"summary", "tasks", "rounds"}),
     "cluster_sim": ("cluster_sim.json", {"fleets", "sensitivity", "goals"}),
+    "cache": ("cache.json", {"params", "runs", "check"}),
 }
 
 
@@ -71,5 +72,11 @@ def test_quick_run_writes_json_and_prints_a_table_last(name, tmp_path):
     if name == "cluster_sim":                                # every policy placed something
         for fleet in data["fleets"].values():
             assert all(v > 0 for v in fleet["best"].values()), fleet["best"]
+    if name == "cache":                                      # hits skip the daemon, change nothing
+        runs, check = data["runs"], data["check"]
+        assert check["repeats_within"] and check["equal_to_uncached_within"], check
+        assert runs["plain"]["cache_hits"] == 0 and runs["cached"]["cache_hits"] > 0
+        assert runs["cached"]["daemon_requests"] + runs["cached"]["cache_hits"] == \
+            runs["cached"]["requests"]
     if name == "fuzz":
         assert data["check"]["passed"], data["check"]["why"]

@@ -260,3 +260,25 @@ def test_cli_deploy_of_a_bad_spec_is_a_typed_error(env):
     out = fmplex(d.run_dir, "task", "deploy", bad)
     assert out.returncode == 1
     assert out.stderr.strip() == "fmplex: invalid_input: spec field 'name': missing"
+
+
+def test_cli_deploys_many_specs_with_a_line_per_task(env):
+    d, specs = env
+    paths = [write_spec(specs, f"many{i}", 'pipeline = "text-embedding"') for i in range(3)]
+    bad = write_spec(specs, "many-bad", 'pipeline = "text-embedding"\nbackbone = "nope"')
+    out = fmplex(d.run_dir, "task", "deploy", *paths, bad, "--parallel", "2")
+    try:
+        assert out.returncode == 1, out                            # one of them failed
+        lines = out.stdout.splitlines()
+        assert [line.split("]")[0] for line in lines] == ["[1/4", "[2/4", "[3/4", "[4/4"]
+        assert sorted(line.split("] ", 1)[1] for line in lines if "serving" in line) == \
+            [f"task many{i} is serving" for i in range(3)]
+        assert any("many-bad.toml: invalid_input: " in line and "nope" in line for line in lines)
+        assert "\x1b[2K" not in out.stderr                         # not a terminal: no redraws
+        with d.client() as c:
+            ready = {t.name for t in c.control(ListTasks(ref=c.ref())).tasks
+                     if t.state.value == "ready"}
+        assert {"many0", "many1", "many2"} <= ready
+    finally:
+        for i in range(3):
+            fmplex(d.run_dir, "task", "remove", f"many{i}")

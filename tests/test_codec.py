@@ -18,7 +18,7 @@ from ipc.errors import ErrorCode, ProtocolError
 from ipc.fields import Optional as OptionalSpec
 from ipc.fields import (WIRE_DTYPES, DecodeContext, EncodeContext, ListOf, Struct, Tensor,
                         schema_fields)
-from ipc.messages import (BackboneStats, Cancel, CancelRequest, ChatMessage, ChildExit, Family,
+from ipc.messages import (CacheStats, BackboneStats, Cancel, CancelRequest, ChatMessage, ChildExit, Family,
                           FinishReason, Generate, GenerateReply, GenerateText, GenerationInfo,
                           Spawn, Spawned, TargetInfo, TextDelta, Tokens, ZygoteReady, ALL_MESSAGES, Activation, BackboneInfo, Command, Commit, Committed,
                           Deploy, Endpoint, Error, ExtensionSpec, HeadInput, HeadKind, HeadSpec,
@@ -104,7 +104,8 @@ FULL_EXT = ExtensionSpec(
 STATS = TaskStats(name="sentiment@canary", state=TaskState.READY, owner_uid=1000, weight=2.5, pid=4242,
                   version=7, queued=3, requests=1_000_000, served_tokens=2**40, errors=1, timeouts=2,
                   overloaded=0, p50_ms=1.25, p99_ms=30.0, rate=123.5, restarts=1,
-                  endpoint="ipc:///run/fmplex/tenants/1000/sentiment.sock")
+                  endpoint="ipc:///run/fmplex/tenants/1000/sentiment.sock", family=Family.DECODER,
+                  cache_hits=5, cache_misses=2**40, cache_bytes=1 << 20)
 
 VISION = dataclasses.replace(
     BACKBONE, name="dinov2", family=Family.VISION, model_type="dinov2", vocab=0, tokenizer="",
@@ -135,6 +136,7 @@ def valid_messages():
         ("welcome", Welcome(ref=3, proto=2, epoch=2**63 - 1, heartbeat_ms=500, backbones=[BACKBONE])),
         ("welcome-empty", Welcome(ref=3, proto=2, epoch=1, heartbeat_ms=1, backbones=[])),
         ("heartbeat", Heartbeat(epoch=99, seq=2**64 - 1)),
+        ("cache_stats", CacheStats(epoch=99, hits=2**64 - 1, misses=0, entries=3, bytes=4096)),
         ("register", Register(ref=4, proto=2, task=TaskConfig(name="sentiment", owner_uid=1000, weight=0.5,
                                                      queue_limit=64, deadline_ms=2000,
                                                      backbone="minilm", family=Family.VISION),
@@ -171,7 +173,8 @@ def valid_messages():
                                                      kv_block_tokens=16, kv_tokens=40,
                                                      sequences=1,
                                                      preemptions=2),
-                                       BackboneStats(name="minilm")])),
+                                       BackboneStats(name="minilm")],
+                                 metrics="http://127.0.0.1:9464/metrics")),
         ("list-tasks", ListTasks(ref=11)),
         ("task-list", TaskList(ref=11, tasks=[STATS, dataclasses.replace(
             STATS, name="other", state=TaskState.DEAD, restarts=0, endpoint="")])),
@@ -196,7 +199,7 @@ def valid_messages():
             labels=[[LabelScore("pos", 0.9), LabelScore("neg", 0.1)], []],
             embeddings=rng.standard_normal((2, 8)).astype(np.float32),
             similarity=[0.5, -1.0],
-            tokens=[[TokenLabel(start=0, end=5, label="PER", score=0.99)], []])),
+            tokens=[[TokenLabel(start=0, end=5, label="PER", score=0.99)], []], prompt_tokens=9)),
         ("infer-reply-none", InferReply(ref=17, task="x", version=0, truncated=[])),
         ("open-regions", OpenRegions(ref=18, token=b"\x00" * 64)),
         ("regions-granted", RegionsGranted(

@@ -44,10 +44,20 @@ ADAPTERS = {   # name -> LoraConfig arguments (targets of every kind, ranks, rsL
 }
 
 
+LOAD_PROGRESS: list[str] = []       # what loading the GGUF told its progress callback
+
+
 @pytest.fixture(scope="session")
 def smollm2(tmp_path_factory):
     return load_backbone("smollm2", "embedded:smollm2", "float32",
-                         str(tmp_path_factory.mktemp("smollm2")))
+                         str(tmp_path_factory.mktemp("smollm2")), progress=LOAD_PROGRESS.append)
+
+
+def test_loading_the_gguf_reports_dequantization_progress(smollm2):
+    """fmplexd turns these into STATUS= lines and a terminal line (fmplexd/progress.py)."""
+    n = len(LOAD_PROGRESS) - 1
+    assert LOAD_PROGRESS[:2] == [f"dequantizing tensor 1/{n} (0%)", f"dequantizing tensor 2/{n} (0%)"]
+    assert LOAD_PROGRESS[-2:] == [f"dequantizing tensor {n}/{n} (100%)", "publishing weights"]
 
 
 @pytest.fixture(scope="session")

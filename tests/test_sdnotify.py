@@ -1,12 +1,15 @@
 """systemd integration without systemd: bind the NOTIFY_SOCKET datagram socket ourselves and read
 what the daemon sends; the unit file's essentials; the supervisor's backoff policy."""
 import configparser
+import io
 import os
 import signal
 import socket
+import threading
 
 import pytest
 
+from fmplexd.progress import Progress, TerminalLine
 from fmplexd.sdnotify import Notifier
 from fmplexd.supervisor import BACKOFF_MAX_S, BACKOFF_MIN_S, restart_delay
 from ipc.messages import Deploy, ListTasks
@@ -50,6 +53,58 @@ def test_notifier_abstract_socket_and_foreign_watchdog_pid():
     server.close()
 
 
+def test_a_listener_that_stops_reading_never_blocks_the_notifier():
+    """A full datagram queue drops updates: the daemon's loop sends STATUS= from its housekeeping,
+    and a blocking send there once wedged fmplexd under a harness that read only READY=1."""
+    d = short_tmpdir()
+    path = os.path.join(d, "n.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    n = Notifier.from_environ({"NOTIFY_SOCKET": path})
+    done = threading.Event()
+
+    def flood():
+        for i in range(5000):                         # far past the queue (max_dgram_qlen)
+            n(status=f"tasks: {i} ready")
+        done.set()
+
+    threading.Thread(target=flood, daemon=True).start()
+    assert done.wait(30), "the notifier blocked on a listener that does not read"
+    sock.settimeout(2)
+    assert sock.recv(64).startswith(b"STATUS=tasks: 0 ready")      # the early ones arrived
+    sock.close()
+
+
+class Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_rate_limited_per_stage_and_drawn_only_on_a_terminal():
+    sent, clock = [], [0.0]
+    tty = Tty()
+    p = Progress(lambda **kw: sent.append(kw), tty, clock=lambda: clock[0])
+    p("loading a", stage="a", extend_timeout_s=120)
+    for i in range(100):                              # a tight loop: only the first few get out
+        clock[0] += 0.01
+        p(f"loading a: {i}%", stage="a")
+    p("loading b", stage="b")                         # a new stage is always told
+    p.done("loaded 2")
+    assert sent[0] == {"status": "loading a", "extend_timeout_s": 120}
+    assert [kw["status"] for kw in sent[1:]] == ["loading a: 24%", "loading a: 49%",
+                                                "loading a: 74%", "loading a: 99%", "loading b",
+                                                "loaded 2"]
+    assert tty.getvalue().endswith("\r\x1b[2Kloading b\r\x1b[2Kloaded 2\n")
+    plain = io.StringIO()                             # not a terminal: nothing drawn
+    q = Progress(lambda **kw: None, plain)
+    q("x", stage="x")
+    q.done("y")
+    line = TerminalLine(plain)
+    line.draw("z")
+    line.end()
+    assert plain.getvalue() == ""
+
+
 def test_no_notify_socket_is_a_no_op():
     Notifier.from_environ({})(ready=True, status="x", watchdog=True)
 
@@ -62,6 +117,12 @@ def test_daemon_lifecycle_notices_and_watchdog(tiny_bert):
         first = notices[0]
         assert b"EXTEND_TIMEOUT_USEC=" in first and b"STATUS=loading backbone default" in first
         assert any(b"READY=1" in n and b"STATUS=serving" in n for n in notices)
+        statuses = [n.split(b"STATUS=")[1].split(b"\n")[0].decode() for n in notices
+                    if b"STATUS=" in n]
+        assert statuses[0] == "loading backbone default (1/1)", statuses     # then its stages,
+        assert statuses[-3:] == ["warming up the executors", "loaded 1 backbone(s)",  # at most
+                                 "serving 1 backbone(s)"], statuses                   # 4 a second
+        assert all(s.startswith("loading backbone default (1/1)") for s in statuses[:-3])
         beats = 0
         while beats < 3:                              # WATCHDOG=1 at half of WATCHDOG_USEC
             beats += sum(b"WATCHDOG=1" in n for n in read_all(d.notify, b"WATCHDOG=1", 5))
@@ -71,6 +132,9 @@ def test_daemon_lifecycle_notices_and_watchdog(tiny_bert):
             with open(path) as f:
                 c.control(Deploy(ref=c.ref(), spec=f.read(), spec_path=path), timeout_s=60)
             pid = {t.name: t.pid for t in c.control(ListTasks(ref=c.ref())).tasks}["t"]
+        # While serving, STATUS= follows the tasks (deploying many shows as it goes).
+        assert any(b"STATUS=serving 1 backbone(s); tasks: 1 ready\n" in n
+                   for n in read_all(d.notify, b"tasks: 1 ready", 10))
         with open(f"/proc/{pid}/environ", "rb") as f:
             environ = f.read().split(b"\0")
         assert not any(v.startswith((b"NOTIFY_SOCKET=", b"WATCHDOG_")) for v in environ)

@@ -1,6 +1,6 @@
 """Backbone families: each folder supplies a loader, a forward and a runner (see base.py).
 
-    load_backbone(name, path, dtype, workdir)   the family is read from the path (config.json's
+    load_backbone(name, path, dtype, workdir, progress)   the family is read from the path (config.json's
                                         model_type, a .gguf file, an .onnx graph, a Fracast
                                         release, ...); "embedded[:KEY]" paths name packaged models
     runner_for(backbone, settings)      the engine's handle on the backbone's executor
@@ -31,13 +31,15 @@ def detect(path: str) -> Family:
                      f"({', '.join(f.value for f in MODULES)})")
 
 
-def load_backbone(name: str, path: str, dtype: str = "float32", workdir: str | None = None):
+def load_backbone(name: str, path: str, dtype: str = "float32", workdir: str | None = None,
+                  progress=None):
     """Load, check and publish a backbone in its sealed region (fmplexd.families.base.Backbone).
     `workdir`: a directory for files derived from the weights (e.g. a GGUF's tokenizer.json) that
-    task processes read."""
+    task processes read; `progress(text)`: told the loader's stages (reading, dequantizing tensor
+    i/n, publishing)."""
     from fmplexd.families.embedded import resolve
     path = resolve(path)
-    return family_module(detect(path)).load(name, path, dtype, workdir)
+    return family_module(detect(path)).load(name, path, dtype, workdir, progress=progress)
 
 
 def runner_for(backbone, settings):

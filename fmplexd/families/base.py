@@ -2,10 +2,11 @@
 
 A family (fmplexd/families/<family>/) supplies:
     detect(path) -> bool              whether a path holds a backbone of this family
-    load(name, path, dtype, workdir) -> Backbone
+    load(name, path, dtype, workdir, progress) -> Backbone
                                       weights read from the formats users hold, checked, published
                                       in one sealed read-only region (`publish`); its BackboneInfo
-                                      names the targets (linear layers) an extension may touch
+                                      names the targets (linear layers) an extension may touch;
+                                      `progress(text)` (optional) hears its stages as they come
     make_runner(backbone, settings) -> Runner
                                       the engine's handle on that backbone's executor
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Protocol
+from typing import Any, Callable, Hashable, Protocol
 
 import numpy as np
 import torch
@@ -29,6 +30,13 @@ from fmplexd.scheduler import Batch, Request, Scheduler
 from ipc.errors import FmplexError
 from ipc.messages import BackboneInfo, Family, Manifest, Message, TargetInfo
 from ipc.shm import MappedRegion, export_tensors
+
+Progress = Callable[[str], None]      # a loader's stages ("dequantizing tensor 3/272 (1%)")
+
+
+def quiet(_: str) -> None:
+    """A Progress that tells nobody."""
+
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

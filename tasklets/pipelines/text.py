@@ -80,19 +80,19 @@ class TextPipeline:
               top_k: int) -> InferReply:
         kind = self.spec.pipeline
         truncated = enc.truncated
+        common = {"ref": ref, "task": task, "version": version,
+                  "prompt_tokens": int(sum(enc.lengths))}
         if kind is Pipeline.EMBEDDING:
-            return InferReply(ref=ref, task=task, version=version, truncated=truncated,
-                              embeddings=normalize(data))
+            return InferReply(truncated=truncated, embeddings=normalize(data), **common)
         if kind is Pipeline.SIMILARITY:
             n = len(enc.lengths) // 2
             e = normalize(data)
             sims = np.einsum("ij,ij->i", e[:n], e[n:])
-            return InferReply(ref=ref, task=task, version=version,
-                              truncated=[a or b for a, b in zip(truncated[:n], truncated[n:])],
-                              similarity=[float(s) for s in sims])
+            return InferReply(truncated=[a or b for a, b in zip(truncated[:n], truncated[n:])],
+                              similarity=[float(s) for s in sims], **common)
         if kind is Pipeline.CLASSIFICATION:
-            return InferReply(ref=ref, task=task, version=version, truncated=truncated,
-                              labels=labelled(data, self.spec.labels, top_k))
+            return InferReply(truncated=truncated, labels=labelled(data, self.spec.labels, top_k),
+                              **common)
         probs = softmax(data)
         tokens, start = [], 0
         for n, offsets, special in zip(enc.lengths, enc.offsets, enc.special):
@@ -102,4 +102,4 @@ class TextPipeline:
             tokens.append([TokenLabel(start=int(a), end=int(b), label=self.spec.labels[k],
                                       score=float(rows[t, k]))
                            for t, ((a, b), s, k) in enumerate(zip(offsets, special, best)) if not s])
-        return InferReply(ref=ref, task=task, version=version, truncated=truncated, tokens=tokens)
+        return InferReply(truncated=truncated, tokens=tokens, **common)

@@ -48,7 +48,7 @@ from ipc.errors import ErrorCode, ProtocolError
 from ipc.fields import (WIRE_DTYPES, Bool, Bytes, Enum, Float, Int, ListOf, MapOf, Optional, Str,
                         Struct, Tensor)
 from ipc.fields import schema_fields as _schema_fields
-from ipc.messages import (ALL_MESSAGES, PROTOCOL_VERSION, Command, Commit, Deploy, Error, ExtensionSpec,
+from ipc.messages import (ALL_MESSAGES, PROTOCOL_VERSION, CacheStats, Command, Commit, Deploy, Error, ExtensionSpec,
                           HeadInput, HeadKind, HeadSpec, Health, Heartbeat, Ia3Entry, Infer,
                           ListTasks, LoraEntry, Ok, OpenRegions, PrepareUpdate,
                           Register, Registered, RegionsGranted, RemoveTask, Submit,
@@ -75,7 +75,8 @@ ACCEPTED_TYPES = {
     "control": {"hello", "info", "list_tasks", "register", "remove_task", "deploy", "task_command",
                 "resolve", "health"},
     "tasks": {"hello", "register", "submit", "submit_images", "submit_series", "generate",
-              "cancel", "commit", "prepare_update", "unregister", "heartbeat", "ok", "error"},
+              "cancel", "commit", "prepare_update", "unregister", "heartbeat", "cache_stats",
+              "ok", "error"},
     "endpoint": {"infer", "cancel_request"},      # a text task's endpoint (the fuzzed one)
     "handles": {"open_regions"},
 }
@@ -285,7 +286,7 @@ class Generator:
                 task=dataclasses.replace(msg.task, name=name, owner_uid=self.uid, backbone="default",
                                          queue_limit=r.randint(1, 64)))
         elif hasattr(msg, "epoch") and isinstance(msg, (Submit, Commit, PrepareUpdate, Unregister,
-                                                        Heartbeat)):
+                                                        Heartbeat, CacheStats)):
             msg = dataclasses.replace(msg, epoch=self.epoch())
             if isinstance(msg, Submit) and r.random() < 0.6:
                 n = r.randint(1, 12)
@@ -409,7 +410,8 @@ class Generator:
 
     def g_session(self):
         if self.kind == "tasks":
-            cls = self.rng.choice([Submit, Commit, PrepareUpdate, Unregister, Heartbeat, Submit])
+            cls = self.rng.choice([Submit, Commit, PrepareUpdate, Unregister, Heartbeat, Submit,
+                                   CacheStats])
             return frames_of(self.valid_message(cls))
         if self.kind == "handles":
             if self.state.tokens:
@@ -677,7 +679,7 @@ class ZmqFuzzer:
             peer.must_async[ref] += 1                 # §12: exactly one reply to each infer
         elif isinstance(msg, (Ok, Error)):
             pass                                       # answers to commands: never answered
-        elif isinstance(msg, Heartbeat):
+        elif isinstance(msg, (Heartbeat, CacheStats)):
             self.may[0] += 1                           # stale_epoch (ref 0) unless the session lives
         elif isinstance(msg, (Submit, Commit)) and msg.epoch in {e for e, _ in self.state.live.values()}:
             self.may[ref] += 1                         # queued / drained later, or dropped at death

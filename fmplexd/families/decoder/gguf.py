@@ -50,8 +50,9 @@ def read_metadata(path: str) -> dict:
     return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
 
 
-def read_gguf(path: str) -> tuple[dict, dict[str, torch.Tensor], dict]:
-    """-> (HF-style config dict, float32 tensors by HF name, metadata dict)."""
+def read_gguf(path: str, progress=None) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """-> (HF-style config dict, float32 tensors by HF name, metadata dict). `progress(text)`
+    hears "dequantizing tensor i/n (p%)" as it goes."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
     reader = GGUFReader(path)
@@ -74,7 +75,10 @@ def read_gguf(path: str) -> tuple[dict, dict[str, torch.Tensor], dict]:
     }
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     tensors = {}
-    for t in reader.tensors:
+    total = len(reader.tensors)
+    for i, t in enumerate(reader.tensors):
+        if progress is not None:
+            progress(f"dequantizing tensor {i + 1}/{total} ({100 * (i + 1) // total}%)")
         w = dequantize(t.data, t.tensor_type)
         if w.shape != tuple(int(x) for x in reversed(t.shape)):
             raise ValueError(f"{path}: tensor {t.name} dequantized to {w.shape}")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file
 
-from fmplexd.families.base import Backbone, hf_model_type, publish_checked
+from fmplexd.families.base import Backbone, Progress, quiet, hf_model_type, publish_checked
 from ipc.messages import BackboneInfo, Family, GenerationInfo, TargetInfo
 
 MODEL_TYPES = {"llama"}
@@ -90,15 +90,19 @@ def target_dims(cfg: DecoderConfig) -> dict[str, tuple[int, int]]:
             "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
 
-def load(name: str, path: str, dtype: str = "float32", workdir: str | None = None) -> Backbone:
+def load(name: str, path: str, dtype: str = "float32", workdir: str | None = None,
+         progress: Progress | None = None) -> Backbone:
     """Read (GGUF or HF), check shapes, publish; the tokenizer of a GGUF goes to `workdir`."""
+    report = progress or quiet
     if path.endswith(".gguf"):
-        raw_cfg, tensors, tok_path, gen = _from_gguf(path, workdir)
+        raw_cfg, tensors, tok_path, gen = _from_gguf(path, workdir, report)
     else:
+        report("reading weights")
         raw_cfg, tensors, tok_path, gen = _from_hf(path)
     cfg = config_from(raw_cfg)
     if cfg.tied:
         tensors.pop("lm_head.weight", None)
+    report("publishing weights")
     fd, manifest, region, weights = publish_checked(name, path, tensors, expected_shapes(cfg),
                                                     dtype)
     del tensors
@@ -114,9 +118,9 @@ def load(name: str, path: str, dtype: str = "float32", workdir: str | None = Non
     return Backbone(name, path, Family.DECODER, dtype, cfg, fd, manifest, region, weights, info)
 
 
-def _from_gguf(path: str, workdir: str | None):
+def _from_gguf(path: str, workdir: str | None, report: Progress):
     from fmplexd.families.decoder.gguf import read_gguf, tokenizer_from_metadata
-    raw_cfg, tensors, md = read_gguf(path)
+    raw_cfg, tensors, md = read_gguf(path, report)
     workdir = workdir or tempfile.mkdtemp(prefix="fmplex-decoder-")
     os.makedirs(workdir, mode=0o755, exist_ok=True)
     tok_path = os.path.join(workdir, "tokenizer.json")

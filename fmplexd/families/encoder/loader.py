@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file
 
-from fmplexd.families.base import Backbone, hf_model_type, layer_targets, publish_checked
+from fmplexd.families.base import Backbone, Progress, quiet, hf_model_type, layer_targets, publish_checked
 from ipc.messages import BackboneInfo, Family, TargetInfo
 
 MODEL_TYPES = {"bert", "roberta", "xlm-roberta"}
@@ -114,12 +114,16 @@ def targets(cfg: EncoderConfig) -> list[TargetInfo]:
     return layer_targets(TARGETS, cfg.hidden, cfg.intermediate)
 
 
-def load(name: str, path: str, dtype: str = "float32", workdir: str | None = None) -> Backbone:
+def load(name: str, path: str, dtype: str = "float32", workdir: str | None = None,
+         progress: Progress | None = None) -> Backbone:
     """Read, check, publish in a sealed region and map it back read-only (`workdir` unused: an
     encoder directory already holds its tokenizer.json)."""
+    report = progress or quiet
+    report("reading weights")
     cfg = read_config(path)
-    fd, manifest, region, weights = publish_checked(name, path, read_weights(path),
-                                                    expected_shapes(cfg), dtype)
+    raw = read_weights(path)
+    report("publishing weights")
+    fd, manifest, region, weights = publish_checked(name, path, raw, expected_shapes(cfg), dtype)
     tokenizer = os.path.join(path, "tokenizer.json")
     info = BackboneInfo(
         name=name, family=Family.TEXT_ENCODER, model_type=cfg.model_type, hidden=cfg.hidden,

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from safetensors.torch import load_file
 
-from fmplexd.families.base import Backbone, publish_checked
+from fmplexd.families.base import Backbone, Progress, quiet, publish_checked
 from ipc.messages import BackboneInfo, Family, SeriesInfo, TargetInfo
 
 MIN_OBSERVED = 8            # finite values a series needs (the release's own rule)
@@ -140,10 +140,13 @@ def expected_shapes(c: FracastConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def load(name: str, path: str, dtype: str = "float32", workdir: str | None = None) -> Backbone:
+def load(name: str, path: str, dtype: str = "float32", workdir: str | None = None,
+         progress: Progress | None = None) -> Backbone:
     """Read, check, publish in a sealed region and map it back read-only (`workdir` unused)."""
     if dtype != "float32":
         raise ValueError(f"{path}: the time-series family serves float32 only, not {dtype}")
+    report = progress or quiet
+    report("reading weights")
     path = carrier_dir(path)
     cfg = read_config(path)
     raw = load_file(os.path.join(path, "model.safetensors"))
@@ -151,6 +154,7 @@ def load(name: str, path: str, dtype: str = "float32", workdir: str | None = Non
     unexpected = sorted(set(raw) - set(want))
     if unexpected:
         raise ValueError(f"{path}: weights the config does not have: {unexpected[:5]}")
+    report("publishing weights")
     fd, manifest, region, weights = publish_checked(name, path, raw, want, dtype)
     info = BackboneInfo(
         name=name, family=Family.TIME_SERIES, model_type="fracast", hidden=cfg.d,

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from fmplexd.families.base import Backbone, layer_targets, publish_checked
+from fmplexd.families.base import Backbone, Progress, quiet, layer_targets, publish_checked
 from ipc.messages import BackboneInfo, Family, ImageInfo, TargetInfo
 
 MODEL_TYPES = ("dinov2", "vit")
@@ -203,10 +203,15 @@ def targets(cfg: VisionConfig) -> list[TargetInfo]:
     return layer_targets(TARGETS, cfg.hidden, cfg.intermediate)
 
 
-def load(name: str, path: str, dtype: str = "float32", workdir: str | None = None) -> Backbone:
+def load(name: str, path: str, dtype: str = "float32", workdir: str | None = None,
+         progress: Progress | None = None) -> Backbone:
     """Read (extracting from ONNX if need be), check, publish in a sealed region, map back
     (`workdir` unused: nothing derived is written)."""
+    report = progress or quiet
+    report("reading weights" + (" (extracting them from the ONNX graph)"
+                                if path.endswith(".onnx") else ""))
     cfg, raw = read(path)
+    report("publishing weights")
     fd, manifest, region, weights = publish_checked(name, path, raw, expected_shapes(cfg), dtype)
     info = BackboneInfo(
         name=name, family=Family.VISION, model_type=cfg.model_type, hidden=cfg.hidden,
