@@ -108,11 +108,13 @@ class DaemonConfig:
         if self.metrics_listen:
             parse_listen(self.metrics_listen)
 
-    def lanes_and_threads(self) -> tuple[int, int]:
+    def lanes_and_threads(self, concurrent: bool = True) -> tuple[int, int]:
         """(executor lanes, torch threads per lane), the zeros resolved for this machine's cores:
-        lanes x threads = cores by default, so the forwards use every core and no more."""
+        lanes x threads = cores by default, so the forwards use every core and no more.
+        `concurrent`: whether any backbone's works may run side by side; if none may (decoders
+        only: each iteration continues the last), one lane gets every core by default."""
         cores = len(os.sched_getaffinity(0)) or 1
-        lanes = self.executor_lanes or cores
+        lanes = self.executor_lanes or (cores if concurrent else 1)
         return lanes, self.threads or max(1, cores // lanes)
 
 

@@ -16,7 +16,7 @@ heartbeats and control requests meanwhile):
                    (on a GPU the same shape maps to CUDA streams).
     housekeeping   heartbeats out, liveness in, deadline expiry, relay expiry, watchdog
 Metrics (fmplexd.metrics): Prometheus at `metrics_listen`, fed by the sessions' observer hook and
-each batch of the engine loop, the rest read from the daemon's figures at scrape time.
+each batch of the lanes, the rest read from the daemon's figures at scrape time.
 Signal handlers only set `stopping`; shutdown drains in-flight work, tells tasks, and exits.
 """
 from __future__ import annotations
@@ -63,8 +63,6 @@ class Daemon:
         self.run_dir = RunDir(config.run_dir)
         self.epoch = transport.new_epoch()
         self.started = time.monotonic()
-        self.lanes, threads = config.lanes_and_threads()
-        torch.set_num_threads(threads)
         backbones, progress = {}, Progress(self.notify)
         for i, b in enumerate(config.backbones):
             what = f"loading backbone {b.name} ({i + 1}/{len(config.backbones)})"
@@ -76,6 +74,9 @@ class Daemon:
         self.backbones = backbones
         progress("warming up the executors", stage="warm-up")
         self.engine = Engine(backbones, config)
+        self.lanes, threads = config.lanes_and_threads(
+            any(r.concurrent for r in self.engine.runners.values()))
+        torch.set_num_threads(threads)
         self.engine.warm_up()
         progress.done(f"loaded {len(backbones)} backbone(s)")
         self._status = ""

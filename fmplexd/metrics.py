@@ -25,7 +25,7 @@ Per backbone (label `backbone`):
 Daemon: fmplex_daemon_uptime_seconds, fmplex_daemon_tasks.
 
 Histograms and the error counter are fed by hooks on the event loop (Sessions' observer, the
-engine loop's batches); everything else is read at scrape time from the daemon's own figures
+lanes' batches); everything else is read at scrape time from the daemon's own figures
 (Sessions.stats, Engine.load): the scrape runs in prometheus-client's server thread and asks the
 event loop for one consistent snapshot (SNAPSHOT_TIMEOUT_S; a stalled loop gets the last one).
 The endpoint names every tenant's tasks: it is the operator's (loopback by default).

@@ -23,3 +23,15 @@ def test_bad_scheduler_settings_are_refused(tmp_path, text, match):
     path.write_text(text)
     with pytest.raises(ValueError, match=match):
         load_config(str(path))
+
+
+def test_lanes_and_threads_use_every_core_and_no_more(monkeypatch):
+    import os
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert DaemonConfig().lanes_and_threads() == (8, 1)              # one lane per core
+    assert DaemonConfig(executor_lanes=2).lanes_and_threads() == (2, 4)
+    assert DaemonConfig(executor_lanes=3).lanes_and_threads() == (3, 2)   # never oversubscribed
+    assert DaemonConfig(threads=3).lanes_and_threads() == (8, 3)     # as the operator says
+    # decoders only (no backbone's works may run side by side): one lane with every core
+    assert DaemonConfig().lanes_and_threads(concurrent=False) == (1, 8)
+    assert DaemonConfig(executor_lanes=2).lanes_and_threads(concurrent=False) == (2, 4)
