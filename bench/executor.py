@@ -12,16 +12,17 @@ Per N (tasks): "mixed" is one Executor.run over every request of every task (int
 scheduler would take them); "one at a time" is the sum over tasks of one Executor.run over that
 task's requests; the last column runs the mixed requests in batches of at most 4,096 tokens (the
 daemon's token budget, which never lets one batch grow to N=32's ~12k tokens). Times are the median of several repeats after a warm-up; torch runs with the
-daemon's thread count (cores - 1, min 1). Both ways must give the same outputs (checked).
+thread count of one of the daemon's executor lanes (DaemonConfig.lanes_and_threads: cores //
+lanes). Both ways must give the same outputs (checked).
 """
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import time
 
 from bench import common
+from fmplexd.config import DaemonConfig
 
 import numpy as np
 import torch
@@ -168,7 +169,7 @@ def measure(ex: Executor, tasks, repeats: int) -> dict:
 def main() -> int:
     args = common.parser(__doc__).parse_args()
     out = common.out_dir(args.out, "executor")
-    threads = max(1, (os.cpu_count() or 2) - 1)               # fmplexd.daemon: config.threads = 0
+    threads = DaemonConfig().lanes_and_threads()[1]           # one lane's, as fmplexd sets it
     torch.set_num_threads(threads)
     ns, repeats = ((1, 8), 1) if args.quick else ((1, 8, 32), 5)
     t_load = time.perf_counter()

@@ -232,7 +232,7 @@ def profile(n_tasks: int = 16, batches: int = 40, threads: int = 0, bank=None,
     from fmplexd.families.embedded import embedded_path
     from fmplexd.engine import Engine
     from testkit.launch import short_tmpdir
-    threads = threads or max(1, (os.cpu_count() or 2) - 1)
+    threads = threads or DaemonConfig().lanes_and_threads()[1]   # one executor lane's
     torch.set_num_threads(threads)
     work = None
     if bank is None:
@@ -279,7 +279,7 @@ def main() -> int:
     from bench import common
     ap = common.parser(__doc__)
     ap.add_argument("--tasks", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = cores - 1)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = one lane's: cores // lanes)")
     ap.add_argument("--rate", type=float, default=None, help="req/s of the load scenario")
     ap.add_argument("--cprofile", action="store_true", help="also print cProfile's top functions")
     args = ap.parse_args()
