@@ -22,6 +22,7 @@ BENCHES = {
     "cluster_chaos": ("cluster_chaos.json", {"summary", "tasks", "rounds"}),
     "cluster_sim": ("cluster_sim.json", {"fleets", "sensitivity", "goals"}),
     "cache": ("cache.json", {"params", "runs", "check"}),
+    "request_overhead": ("request_overhead.json", {"fmplex", "dedicated", "split_p50_ms"}),
 }
 
 
@@ -72,6 +73,8 @@ def test_quick_run_writes_json_and_prints_a_table_last(name, tmp_path):
     if name == "cluster_sim":                                # every policy placed something
         for fleet in data["fleets"].values():
             assert all(v > 0 for v in fleet["best"].values()), fleet["best"]
+    if name == "request_overhead":                           # the daemon saw every request
+        assert data["fmplex"]["daemon_counted"] == data["fmplex"]["requests"] > 0, data["fmplex"]
     if name == "cache":                                      # hits skip the daemon, change nothing
         runs, check = data["runs"], data["check"]
         assert check["repeats_within"] and check["equal_to_uncached_within"], check

@@ -31,8 +31,9 @@ class Baselines:
     """One bench/baseline.py process per task: co-located (no placement) or partitioned."""
 
     def __init__(self, name: str, device: str = "cpu", partition_mode: str = "auto",
-                 threads: int = 0):
+                 threads: int = 0, backbone: str = "embedded"):
         from testkit.launch import short_tmpdir
+        self.backbone = backbone               # bench/baseline.py --backbone
         self.name, self.device, self.partition_mode = name, device, partition_mode
         self.threads = threads                 # co-located: torch threads (0 = torch's default)
         self.dir = short_tmpdir("fmx-bl-")
@@ -73,7 +74,7 @@ class Baselines:
     def _spawn(self, t: TaskDef, p: Placement) -> None:
         endpoint = f"ipc://{self.dir}/{t.name}.sock"
         cmd = [sys.executable, "-m", "bench.baseline", "--spec", t.spec_path, "--endpoint", endpoint,
-               "--device", self.device, "--threads", str(p.threads)]
+               "--device", self.device, "--threads", str(p.threads), "--backbone", self.backbone]
         if p.cpus:
             cmd += ["--cpus", ",".join(map(str, p.cpus))]
         if p.quota_cpus:
