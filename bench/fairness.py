@@ -13,9 +13,10 @@ asyncio), so that the flooder's client does not share an interpreter with the qu
   phase B   the same arrivals (same seeds), plus q3 ("flood") offered FLOOD x its share
 Latency is measured from each request's scheduled arrival to its reply (no coordinated omission).
 One daemon per entry of POLICIES, one after the other, differing only in the scheduler's settings:
-fmplexd's defaults (the strict lift rule, batch_target_ms = 50), bounded idle credit
-(idle_credit_tokens = 512), and that with shorter batches. All get the arrivals of the first's
-capacity, so the policies are compared on the same requests.
+fmplexd's defaults (bounded idle credit, idle_credit_tokens = 512; batch_target_ms = 50), the strict
+lift rule (K = 0), and the defaults with shorter batches. All get the arrivals of the first's
+capacity, so the policies are compared on the same requests. A phase lasts 30 s, or longer where
+needed for MIN_QUIET_REQUESTS arrivals per quiet task (a stable p99); --quick: 3 s.
 Texts come from bench/workload.py (the shared workload generator): one text per request, lengths
 lognormal (median 20 tokens).
 """
@@ -44,10 +45,11 @@ GOAL = 1.3
 DEPTH = 16                    # requests in flight per task while measuring capacity
 QUIET_TIMEOUT_S = 10.0
 POLICIES = (                  # (name, fmplexd.toml lines) of the daemons compared, in turn
-    ("default", ""),
-    ("K=512", "idle_credit_tokens = 512"),
-    ("K=512, 20 ms", "idle_credit_tokens = 512\nbatch_target_ms = 20"),
+    ("default", ""),                                   # bounded idle credit, K = 512 tokens
+    ("strict K=0", "idle_credit_tokens = 0"),
+    ("default, 20 ms", "batch_target_ms = 20"),
 )
+MIN_QUIET_REQUESTS = 1000     # per quiet task and phase: a p99 of at least this many requests
 FLOOD_TIMEOUT_S = 2.0
 
 
@@ -229,7 +231,7 @@ def _alive(pid: int) -> bool:
 
 
 def run_policy(backbone: str, work: str, policy: tuple[str, str], cap_s: float, phase_s: float,
-               capacity: float | None, out: str) -> dict:
+               capacity: float | None, out: str, quick: bool = False) -> dict:
     """One daemon configured by policy = (name, toml): its capacity (unless given, so that all
     policies see the same arrivals), then phases A and B. If a task was restarted, the daemon's
     and tasks' logs are kept in out/fairness-restarts-{index of the policy}.log."""
@@ -248,6 +250,8 @@ def run_policy(backbone: str, work: str, policy: tuple[str, str], cap_s: float, 
         share = LOAD * capacity / len(TASKS)
         print(f"{name}: capacity {capacity:.1f} req/s; quiet tasks at {share:.1f} req/s each",
               file=sys.stderr, flush=True)
+        if not quick:
+            phase_s = max(phase_s, MIN_QUIET_REQUESTS / share)
         quiet = {t: (*arrivals(i, share, phase_s), QUIET_TIMEOUT_S)
                  for i, t in enumerate(TASKS[:3])}
         flood = {TASKS[3]: (*arrivals(3, FLOOD * share, phase_s), FLOOD_TIMEOUT_S)}
@@ -269,6 +273,7 @@ def run_policy(backbone: str, work: str, policy: tuple[str, str], cap_s: float, 
         d.cleanup()
     pass_ = {t: phases["B"][t]["p99_ms"] <= GOAL * phases["A"][t]["p99_ms"] for t in TASKS[:3]}
     return {"policy": name, "config": toml, "capacity_rps": capacity, "share_rps": share,
+            "phase_s": phase_s,
             "phases": phases, "pass": pass_, "task_pids": sorted(pids)}
 
 
@@ -301,7 +306,8 @@ def main() -> int:
     runs, capacity = [], None
     try:
         for policy in POLICIES:
-            runs.append(run_policy(backbone, work, policy, cap_s, phase_s, capacity, out))
+            runs.append(run_policy(backbone, work, policy, cap_s, phase_s, capacity, out,
+                                    args.quick))
             capacity = runs[0]["capacity_rps"]
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -318,7 +324,7 @@ def main() -> int:
                              f"{runs[0]['share_rps']:.1f} req/s, flooder {FLOOD}x; K = "
                              f"idle_credit_tokens, 20 ms = batch_target_ms; "
                              f"load {m['loadavg_1m']} on {m['cpus']} cpus; processes left: "
-                             f"{len(left)}")
+                             f"{len(left)}; phase {runs[0]['phase_s']:.0f} s")
     return 0
 
 

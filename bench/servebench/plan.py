@@ -14,10 +14,10 @@ SLO_SCALES = list(range(2, 11))
 SYSTEMS = ("fmplex", "co-located", "partitioned")
 GOAL_P99_VS_COLOCATED = 0.5
 GOAL_P99_VS_PARTITIONED = 0.15
-GOAL_CAPACITY_RATIO = 10.0
+GOAL_CAPACITY_RATIO = 15.0
 HEADLINE_ALPHA = 0.9
 OVERLOADED_FAILED = 0.2        # a run with more failed requests ends the sweep of its alpha
-VERIFY_LIMIT_S = 480.0         # growing to the capacity: give up (keep the extrapolation) after
+VERIFY_LIMIT_S = 900.0         # growing to the capacity: give up (keep the extrapolation) after
 
 REFS = itertools.count(1)
 
@@ -44,7 +44,7 @@ class Plan:
 FULL = Plan(n_tasks=16, alphas=(0.5, 0.9, 1.3), load_fractions=(0.2, 0.4, 0.6, 0.8),
             headline_load=0.6, duration_s=20.0, drain_s=20.0, saturation_requests=400,
             b1_lengths=(4, 8, 12, 16, 24, 32, 48, 64, 96, 128), b1_reps=7, warmup_per_task=3,
-            capacity_points=(1, 4, 16, 32), verify_capacity=True, verify_max_fmplex=400,
+            capacity_points=(1, 4, 16, 32), verify_capacity=True, verify_max_fmplex=1200,
             verify_max_baseline=64, profile_batches=40)
 QUICK = Plan(n_tasks=4, alphas=(0.9,), load_fractions=(0.3, 0.6), headline_load=0.6,
              duration_s=4.0, drain_s=10.0, saturation_requests=60, b1_lengths=(4, 32, 128),
