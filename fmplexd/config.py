@@ -18,6 +18,9 @@ backbone. Built once, never rewritten after construction.
     executor_lanes = 0                 # forwards that may run at once, each a thread running its
                                        # own batch over the same shared weights; 0 = one per core
     threads = 0                        # torch intra-op threads per lane; 0 = cores // lanes (min 1)
+    gil_switch_ms = 0.5                # Python's GIL switch interval in fmplexd (Python's default
+                                       # is 5): the event loop gets the GIL back from the lanes'
+                                       # Python between ops sooner (docs/benchmarks.md, lanes)
     trust_root = true                  # uid 0 may act for any owner
     keep_slot_on_death = false
     task_zygote = true                 # fork supervised task processes from a pre-imported zygote
@@ -73,6 +76,7 @@ class DaemonConfig:
     max_request_tokens: int = 16384
     executor_lanes: int = 0
     threads: int = 0
+    gil_switch_ms: float = 0.5
     trust_root: bool = True
     keep_slot_on_death: bool = False
     task_zygote: bool = True
@@ -97,6 +101,8 @@ class DaemonConfig:
             raise ValueError("token_budget and max_batch_requests must be >= 1")
         if self.executor_lanes < 0 or self.threads < 0:
             raise ValueError("executor_lanes and threads must be >= 0")
+        if not 0 < self.gil_switch_ms <= 100:
+            raise ValueError("gil_switch_ms must be in (0, 100]")
         if self.idle_credit_tokens < 0:
             raise ValueError("idle_credit_tokens must be >= 0")
         if not 0 <= self.task_nice <= 19:

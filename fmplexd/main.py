@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"fmplexd: bad configuration: {e}", file=sys.stderr)
         return 2
+    sys.setswitchinterval(config.gil_switch_ms / 1e3)
     from ipc import aio
     return aio.run(_serve(config, notify))
 

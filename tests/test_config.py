@@ -17,7 +17,8 @@ def test_scheduler_settings_are_read_from_the_file(tmp_path):
 
 
 @pytest.mark.parametrize("text,match", [("idle_credit_tokens = -1\n", "idle_credit_tokens"),
-                                        ("idle_credit = 5\n", "unknown setting")])
+                                        ("idle_credit = 5\n", "unknown setting"),
+                                        ("gil_switch_ms = 0\n", "gil_switch_ms")])
 def test_bad_scheduler_settings_are_refused(tmp_path, text, match):
     path = tmp_path / "fmplexd.toml"
     path.write_text(text)
