@@ -151,7 +151,7 @@ class Client:
             self.router.close()
         if self._control is not None:
             self._control.close(linger=0)
-        self.ctx.term()
+        self.ctx.destroy(linger=0)            # every socket of this client, then the context
 
     def ref(self) -> int:
         return next(self._refs)
@@ -348,7 +348,9 @@ class AsyncClient:
             await asyncio.gather(*tasks, return_exceptions=True)
             sock.close(linger=0)
         self._socks.clear()
-        self.ctx.term()
+        # destroy, not term: a monitor whose watcher was cancelled before it ever ran is closed
+        # here too (term would wait for it forever)
+        self.ctx.destroy(linger=0)
 
     def ref(self) -> int:
         """A fresh request id (for messages built by the caller, e.g. control requests)."""
