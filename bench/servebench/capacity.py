@@ -39,11 +39,15 @@ def fmplex_memory_point(system: Fmplex, n: int, log, deadline: float = math.inf
             await system.deploy(wave, concurrency=4)
         await system.open(120)
         try:
-            return await answer_all(system, n, WorkloadSpec(n_tasks=1, total_rate=1, duration_s=1))
+            return await answer_all(system, n, WorkloadSpec(n_tasks=1, total_rate=1, duration_s=1),
+                                    errors)
         finally:
             await system.close()
+    errors: dict[str, int] = {}
     answered = run_async(grow())
     mem = pss_total(system.pids())
+    if errors:
+        log(f"  tasks that did not answer, by their last error: {errors}")
     log(f"  fmplex memory: {n} tasks ({answered} answered): {mem['total_mib']:.0f} MiB (daemon "
         f"{mem['daemon']['pss_mib']:.0f}, task processes {mem['tasks']['mean_pss_mib']:.1f} each)")
     return answered, mem["total_mib"]
