@@ -53,6 +53,15 @@ WATCHED = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
 CONNECT_GRACE_S = 1.0          # a restarting task (0.1 s backoff first) is usually back by then
 
 
+def _context(kind=zmq.Context):
+    """A ZeroMQ context for a client that may talk to many tasks at once: each connection is
+    a socket and its monitor, so libzmq's default of 1,023 sockets ran out at about 340 tasks.
+    Its limit is raised to libzmq's own (file descriptors are then the bound)."""
+    ctx = kind()
+    ctx.max_sockets = ctx.get(zmq.SOCKET_LIMIT)
+    return ctx
+
+
 def _unavailable(task: str) -> TaskUnavailable:
     return TaskUnavailable(ErrorCode.TASK_UNAVAILABLE, f"task {task} has no connected process "
                            f"(not back within {CONNECT_GRACE_S}s; restarting or removed)")
@@ -128,7 +137,7 @@ class Client:
         client's key pair (Z85 public, secret); then tasks resolve through the cluster."""
         self.run_dir = RunDir(run_dir or default_run_dir())
         self.timeout_s = timeout_s
-        self.ctx = zmq.Context()
+        self.ctx = _context()
         self._control: zmq.Socket | None = None
         self._tasks: dict[str, _Link] = {}
         self._refs = itertools.count(1)
@@ -328,7 +337,7 @@ class AsyncClient:
     def __init__(self, run_dir: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S):
         self.run_dir = RunDir(run_dir or default_run_dir())
         self.timeout_s = timeout_s
-        self.ctx = zmq.asyncio.Context()
+        self.ctx = _context(zmq.asyncio.Context)
         self._socks: dict[str, tuple[zmq.asyncio.Socket, list[asyncio.Task]]] = {}
         self._pending: dict[int, tuple[str, asyncio.Future]] = {}
         self._streams: dict[int, tuple[str, asyncio.Queue]] = {}     # ref -> (task, its replies)
