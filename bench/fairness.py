@@ -6,7 +6,10 @@ floods the daemon? (goal: each quiet task's p99 in phase B <= 1.3x its p99 in ph
 A real fmplexd (testkit.launch.DaemonProcess; the embedded all-MiniLM-L6-v2, or with --quick a tiny
 random checkpoint from testkit.tiny) and 4 text-embedding tasks of equal weight deployed through
 the control socket (Deploy), each a real task process. Clients are separate processes (one per task,
-asyncio), so that the flooder's client does not share an interpreter with the quiet ones.
+asyncio), so that the flooder's client does not share an interpreter with the quiet ones. Where
+fmplexd gave each task a cgroup, each client joins its task's (a tenant's processes share its CPU
+weight, as in a systemd user slice; --clients-outside leaves them in the benchmark's own group,
+where one flooding client outweighs every task process together).
 
   capacity  every task closed-loop (DEPTH requests in flight each): saturation throughput C
   phase A   tasks q0..q2 each offered Poisson arrivals at LOAD * C / 4 (open loop), q3 idle
@@ -56,10 +59,14 @@ FLOOD_TIMEOUT_S = 2.0
 # ------------------------------------------------------------------ client processes
 
 def client_proc(conn, run_dir: str, task: str, times: list[float] | None, texts: list[str],
-                timeout_s: float, duration_s: float) -> None:
+                timeout_s: float, duration_s: float, cgroups: list[str]) -> None:
     """One task's client. times given: open loop (request i at start + times[i]); times None:
-    closed loop (DEPTH in flight until duration_s). Sends back [(outcome, latency_s)]."""
+    closed loop (DEPTH in flight until duration_s). Sends back [(outcome, latency_s)].
+    `cgroups`: the cgroup.procs files of its task's cgroups, joined first (tenant_cgroups)."""
     import asyncio
+
+    from fmplexd.cgroups import join
+    join(cgroups)
 
     from ipc import aio
     from ipc.errors import FmplexError, OverloadedError, RequestTimeout
@@ -120,7 +127,26 @@ def client_proc(conn, run_dir: str, task: str, times: list[float] | None, texts:
         raise
 
 
-def run_clients(run_dir: str, plans: dict[str, tuple], duration_s: float) -> dict[str, list]:
+def tenant_cgroups(pid: int) -> list[str]:
+    """The cgroup.procs files of the cgroups fmplexd made for the task process `pid` (fmplexd.
+    cgroups: v1 `.../fmplexd-<pid>/<task>`, v2 `.../tasks/<task>`); [] where it has none. A
+    tenant's client joins them: on one host, a tenant's own processes share its CPU weight (as
+    systemd puts each user's processes in a slice), rather than outweighing every task together."""
+    from fmplexd.cgroups import mounts_by_controller
+    mounts, out = mounts_by_controller(), []
+    with open(f"/proc/{pid}/cgroup") as f:
+        for line in f.read().splitlines():
+            _, controllers, path = line.split(":", 2)
+            names = controllers.split(",") if controllers else ["cgroup2"]
+            mine = "/fmplexd-" in path or "/tasks/" in path
+            for name in names:
+                if mine and name in ("cpu", "memory", "cgroup2") and name in mounts:
+                    out.append(os.path.join(mounts[name], path.lstrip("/"), "cgroup.procs"))
+    return out
+
+
+def run_clients(run_dir: str, plans: dict[str, tuple], duration_s: float,
+                cgroups: dict[str, list[str]] | None = None) -> dict[str, list]:
     """Start one client process per task of plans[task] = (times | None, texts, timeout_s), release
     them together, and return each task's outcomes. Forked: no zmq context is open here then, and
     a fork starts in milliseconds where a spawn re-imports everything."""
@@ -129,7 +155,8 @@ def run_clients(run_dir: str, plans: dict[str, tuple], duration_s: float) -> dic
     for task, (times, texts, timeout_s) in plans.items():
         ours, theirs = ctx.Pipe()
         p = ctx.Process(target=client_proc, daemon=True,
-                        args=(theirs, run_dir, task, times, texts, timeout_s, duration_s))
+                        args=(theirs, run_dir, task, times, texts, timeout_s, duration_s,
+                              (cgroups or {}).get(task, [])))
         p.start()
         procs[task] = (p, ours)
     try:
@@ -231,7 +258,8 @@ def _alive(pid: int) -> bool:
 
 
 def run_policy(backbone: str, work: str, policy: tuple[str, str], cap_s: float, phase_s: float,
-               capacity: float | None, out: str, quick: bool = False) -> dict:
+               capacity: float | None, out: str, quick: bool = False,
+               clients_outside: bool = False) -> dict:
     """One daemon configured by policy = (name, toml): its capacity (unless given, so that all
     policies see the same arrivals), then phases A and B. If a task was restarted, the daemon's
     and tasks' logs are kept in out/fairness-restarts-{index of the policy}.log."""
@@ -242,10 +270,12 @@ def run_policy(backbone: str, work: str, policy: tuple[str, str], cap_s: float, 
     try:
         d.start()
         deploy_all(d, work)
-        pids.update(s["pid"] for s in daemon_stats(d).values())
+        stats = daemon_stats(d)
+        pids.update(s["pid"] for s in stats.values())
+        groups = {} if clients_outside else {t: tenant_cgroups(s["pid"]) for t, s in stats.items()}
         if capacity is None:                       # every task closed-loop
             cap = run_clients(d.run_dir, {t: (None, texts_for(i, 256, 0), QUIET_TIMEOUT_S)
-                                          for i, t in enumerate(TASKS)}, cap_s)
+                                          for i, t in enumerate(TASKS)}, cap_s, groups)
             capacity = sum(k == "ok" for o in cap.values() for k, _ in o) / cap_s
         share = LOAD * capacity / len(TASKS)
         print(f"{name}: capacity {capacity:.1f} req/s; quiet tasks at {share:.1f} req/s each",
@@ -257,7 +287,7 @@ def run_policy(backbone: str, work: str, policy: tuple[str, str], cap_s: float, 
         flood = {TASKS[3]: (*arrivals(3, FLOOD * share, phase_s), FLOOD_TIMEOUT_S)}
         for phase, plans in (("A", quiet), ("B", {**quiet, **flood})):
             before = daemon_stats(d)
-            res = run_clients(d.run_dir, plans, phase_s)
+            res = run_clients(d.run_dir, plans, phase_s, groups)
             after = daemon_stats(d)
             pids.update(s["pid"] for s in after.values())
             phases[phase] = {t: {**summarise(res[t], phase_s, len(plans[t][0]) / phase_s),
@@ -273,7 +303,7 @@ def run_policy(backbone: str, work: str, policy: tuple[str, str], cap_s: float, 
         d.cleanup()
     pass_ = {t: phases["B"][t]["p99_ms"] <= GOAL * phases["A"][t]["p99_ms"] for t in TASKS[:3]}
     return {"policy": name, "config": toml, "capacity_rps": capacity, "share_rps": share,
-            "phase_s": phase_s,
+            "phase_s": phase_s, "clients_in_tenant_cgroups": any(groups.values()),
             "phases": phases, "pass": pass_, "task_pids": sorted(pids)}
 
 
@@ -294,7 +324,12 @@ def rows_of(run: dict) -> list[list[str]]:
 
 
 def main() -> int:
-    args = common.parser(__doc__).parse_args()
+    ap = common.parser(__doc__)
+    ap.add_argument("--clients-outside", action="store_true",
+                    help="leave the client processes out of their tasks' cgroups")
+    ap.add_argument("--policies", default="",
+                    help="comma-separated names of POLICIES to run (default: all)")
+    args = ap.parse_args()
     out = common.out_dir(args.out, "fairness")
     cap_s, phase_s = (1.5, 3.0) if args.quick else (8.0, 30.0)
     work = short_tmpdir("fmx-fair-")
@@ -305,9 +340,10 @@ def main() -> int:
         backbone, label = "embedded", "all-MiniLM-L6-v2 (embedded)"
     runs, capacity = [], None
     try:
-        for policy in POLICIES:
+        wanted = [p for p in POLICIES if not args.policies or p[0] in args.policies.split(",")]
+        for policy in wanted:
             runs.append(run_policy(backbone, work, policy, cap_s, phase_s, capacity, out,
-                                    args.quick))
+                                    args.quick, args.clients_outside))
             capacity = runs[0]["capacity_rps"]
     finally:
         shutil.rmtree(work, ignore_errors=True)
