@@ -50,7 +50,7 @@ QUIET_TIMEOUT_S = 10.0
 POLICIES = (                  # (name, fmplexd.toml lines) of the daemons compared, in turn
     ("default", ""),                                   # bounded idle credit, K = 512 tokens
     ("strict K=0", "idle_credit_tokens = 0"),
-    ("default, 20 ms", "batch_target_ms = 20"),
+    ("20 ms batches", "batch_target_ms = 20"),
 )
 MIN_QUIET_REQUESTS = 1000     # per quiet task and phase: a p99 of at least this many requests
 FLOOD_TIMEOUT_S = 2.0
