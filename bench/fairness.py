@@ -132,16 +132,13 @@ def tenant_cgroups(pid: int) -> list[str]:
     cgroups: v1 `.../fmplexd-<pid>/<task>`, v2 `.../tasks/<task>`); [] where it has none. A
     tenant's client joins them: on one host, a tenant's own processes share its CPU weight (as
     systemd puts each user's processes in a slice), rather than outweighing every task together."""
-    from fmplexd.cgroups import mounts_by_controller
+    from fmplexd.cgroups import mounts_by_controller, process_cgroups
     mounts, out = mounts_by_controller(), []
-    with open(f"/proc/{pid}/cgroup") as f:
-        for line in f.read().splitlines():
-            _, controllers, path = line.split(":", 2)
-            names = controllers.split(",") if controllers else ["cgroup2"]
-            mine = "/fmplexd-" in path or "/tasks/" in path
-            for name in names:
-                if mine and name in ("cpu", "memory", "cgroup2") and name in mounts:
-                    out.append(os.path.join(mounts[name], path.lstrip("/"), "cgroup.procs"))
+    for controller, path in process_cgroups(pid).items():
+        name = controller or "cgroup2"
+        if ("/fmplexd-" in path or "/tasks/" in path) and name in ("cpu", "memory", "cgroup2") \
+                and name in mounts:
+            out.append(os.path.join(mounts[name], path.lstrip("/"), "cgroup.procs"))
     return out
 
 

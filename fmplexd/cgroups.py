@@ -46,7 +46,7 @@ class TaskCgroups:
             raise ValueError(f"task_cgroups must be one of {MODES}, not {mode!r}")
         if mode == "off":
             return None
-        mounts, own = mounts_by_controller(), _own_cgroups()
+        mounts, own = mounts_by_controller(), process_cgroups()
         tried = []
         for version, cls in (("v2", _V2), ("v1", _V1)):
             if mode not in ("auto", version):
@@ -228,11 +228,12 @@ def mounts_by_controller() -> dict[str, str]:
     return out
 
 
-def _own_cgroups() -> dict[str, str]:
-    """This process's cgroup path per v1 controller, and in the unified hierarchy under ""."""
+def process_cgroups(pid: int | str = "self") -> dict[str, str]:
+    """A process's cgroup path (this one's by default) per v1 controller, and in the unified
+    hierarchy under ""."""
     out: dict[str, str] = {}
     try:
-        with open("/proc/self/cgroup") as f:
+        with open(f"/proc/{pid}/cgroup") as f:
             lines = f.read().splitlines()
     except OSError:
         return out
