@@ -37,7 +37,7 @@ from bench import common
 import numpy as np
 
 from bench import workload
-from ipc.messages import Deploy, ListTasks
+from ipc.messages import Deploy
 from testkit.launch import DaemonProcess, short_tmpdir
 
 SEED = 0
@@ -232,10 +232,8 @@ def deploy_all(d: DaemonProcess, specs: str) -> None:
 
 
 def daemon_stats(d: DaemonProcess) -> dict[str, dict]:
-    with d.client() as c:
-        return {t.name: {"requests": t.requests, "overloaded": t.overloaded,
-                         "timeouts": t.timeouts, "pid": t.pid, "restarts": t.restarts}
-                for t in c.control(ListTasks(ref=c.ref())).tasks}
+    return {t.name: {"requests": t.requests, "overloaded": t.overloaded, "timeouts": t.timeouts,
+                     "pid": t.pid, "restarts": t.restarts} for t in d.tasks().values()}
 
 
 def daemon_delta(before: dict, after: dict) -> dict:

@@ -32,7 +32,7 @@ import numpy as np
 from bench import common
 from bench.servebench.tasks import TaskBank, TaskDef
 from ipc import aio
-from ipc.messages import Deploy, ListTasks
+from ipc.messages import Deploy
 from testkit.launch import DaemonProcess, short_tmpdir
 
 TEXT = "the quick brown fox jumps over the lazy dog"       # about 8 word-piece tokens (+2)
@@ -51,7 +51,7 @@ def fmplex_path(task: TaskDef, backbone: str, n: int) -> dict:
             async with AsyncClient(d.run_dir, timeout_s=30) as c:
                 for _ in range(20):                           # warm: connect, first forwards
                     await c.infer(task.name, [TEXT])
-                before = _stats(d, task.name)
+                before = d.tasks()[task.name]
                 lat = []
                 for _ in range(n):
                     t0 = time.perf_counter()
@@ -60,18 +60,13 @@ def fmplex_path(task: TaskDef, backbone: str, n: int) -> dict:
                 return before, lat
 
         before, lat = aio.run(run())
-        after = _stats(d, task.name)
+        after = d.tasks()[task.name]
     finally:
         d.cleanup()
     served = after.requests - before.requests
     return {"end_to_end_ms": _summary(lat), "requests": n, "daemon_counted": served,
             "in_fmplexd_p50_ms": after.p50_ms,
             "forward_ms": (after.device_ms - before.device_ms) / max(1, served)}
-
-
-def _stats(d: DaemonProcess, name: str):
-    with d.client() as c:
-        return next(t for t in c.control(ListTasks(ref=c.ref())).tasks if t.name == name)
 
 
 def dedicated_path(task: TaskDef, backbone: str, n: int) -> dict:

@@ -95,6 +95,12 @@ class LocalDaemon:
         from fmplex.client import Client
         return Client(self.run_dir, timeout_s=timeout_s)
 
+    def tasks(self) -> dict:
+        """Every task's TaskStats by name (the daemon's ListTasks)."""
+        from ipc.messages import ListTasks
+        with self.client() as c:
+            return {t.name: t for t in c.control(ListTasks(ref=c.ref())).tasks}
+
     def log_text(self) -> str:
         try:
             with open(self.log_path, errors="replace") as f:

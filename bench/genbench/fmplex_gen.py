@@ -11,7 +11,7 @@ from bench.genbench.records import Record
 from bench.genbench.workload import GenRequest
 from fmplex import AsyncClient
 from ipc.errors import FmplexError
-from ipc.messages import Deploy, Info, ListTasks
+from ipc.messages import Deploy, Info
 from testkit.launch import DaemonProcess
 
 
@@ -85,8 +85,7 @@ class FmplexGen:
                 pass
 
     def served(self) -> dict[str, int]:
-        with self.daemon.client() as c:
-            return {t.name: t.served_tokens for t in c.control(ListTasks(ref=c.ref())).tasks}
+        return {t.name: t.served_tokens for t in self.daemon.tasks().values()}
 
     def close(self) -> None:
         self.daemon.cleanup()

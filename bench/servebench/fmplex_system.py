@@ -88,19 +88,14 @@ class Fmplex:
             self.client = None
 
     def pids(self) -> dict[str, list[int]]:
-        from ipc.messages import ListTasks
-        with self.daemon.client() as c:
-            tasks = c.control(ListTasks(ref=c.ref())).tasks
         from bench.common import daemon_helper_pids
-        task_pids = [t.pid for t in tasks if t.pid]
+        task_pids = [t.pid for t in self.daemon.tasks().values() if t.pid]
         return {"daemon": [self.daemon.proc.pid],
                 "zygote": daemon_helper_pids(self.daemon.proc.pid, task_pids), "tasks": task_pids}
 
     def restarts(self) -> int:
         """Task process restarts the daemon counted (a sign of an unstable run)."""
-        from ipc.messages import ListTasks
-        with self.daemon.client() as c:
-            return sum(t.restarts for t in c.control(ListTasks(ref=c.ref())).tasks)
+        return sum(t.restarts for t in self.daemon.tasks().values())
 
     def describe(self) -> str:
         """serve.json's placement of fmplex: threads, task processes, and the batch sizing."""

@@ -67,9 +67,7 @@ class MixedFmplex(Fmplex):
 
     def usage(self) -> dict[str, float]:
         """Device seconds each task's requests took so far (the daemon's accounting)."""
-        from ipc.messages import ListTasks
-        with self.daemon.client() as c:
-            return {t.name: t.device_ms / 1e3 for t in c.control(ListTasks(ref=c.ref())).tasks}
+        return {t.name: t.device_ms / 1e3 for t in self.daemon.tasks().values()}
 
 
 class PerTask(Baselines):
