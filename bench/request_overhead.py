@@ -15,10 +15,11 @@ forward. Per request:
 
 so that `end to end - in fmplexd` is what the two extra hops and the task process cost
 (ZeroMQ + MessagePack both ways, tokenizing, post-processing), and `in fmplexd - forward` the
-daemon's own share (scheduling, packing, delivery; a p50 less a mean, so only indicative). A dedicated instance
-(bench/baseline.py: one process, the model in it, the same Infer/InferReply over ZeroMQ) answers
-the same requests one at a time for the comparison. Prints a markdown table last and writes
-request_overhead.json.
+daemon's own share (scheduling, packing, delivery; a p50 less a mean, so only indicative). A
+dedicated instance (bench/baseline.py: one process, the model in it, the same Infer/InferReply
+over ZeroMQ) answers the same requests one at a time for the comparison. Both are driven through
+the load driver's interface (bench/servebench: Fmplex, Baselines). Prints a markdown table last
+and writes request_overhead.json.
 """
 from __future__ import annotations
 
@@ -32,37 +33,41 @@ import numpy as np
 from bench import common
 from bench.servebench.tasks import TaskBank, TaskDef
 from ipc import aio
-from ipc.messages import Deploy
-from testkit.launch import DaemonProcess, short_tmpdir
+from testkit.launch import short_tmpdir
 
 TEXT = "the quick brown fox jumps over the lazy dog"       # about 8 word-piece tokens (+2)
 
 
+async def sequential(system, n: int, after_warm_up=lambda: None) -> tuple[object, list[float]]:
+    """Latencies of n one-at-a-time requests to task 0 of a system with the load driver's
+    interface (open / infer / close), after 20 on the same connection to warm it (connect, first
+    forwards); returns what `after_warm_up()` gave between the two, and the latencies."""
+    await system.open(30)
+    try:
+        for _ in range(20):
+            await system.infer(0, TEXT, 30)
+        mark = after_warm_up()
+        lat = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            await system.infer(0, TEXT, 30)
+            lat.append(time.perf_counter() - t0)
+        return mark, lat
+    finally:
+        await system.close()
+
+
 def fmplex_path(task: TaskDef, backbone: str, n: int) -> dict:
     """End-to-end latencies of n sequential requests, and the daemon's view of them."""
-    from fmplex.client import AsyncClient
-    d = DaemonProcess(backbone)
+    from bench.servebench.fmplex_system import Fmplex
+    fm = Fmplex(None, backbones=backbone)
     try:
-        d.start()
-        with open(task.spec_path) as f, d.client(timeout_s=120) as c:
-            c.control(Deploy(ref=c.ref(), spec=f.read(), spec_path=task.spec_path), timeout_s=120)
-
-        async def run():
-            async with AsyncClient(d.run_dir, timeout_s=30) as c:
-                for _ in range(20):                           # warm: connect, first forwards
-                    await c.infer(task.name, [TEXT])
-                before = d.tasks()[task.name]
-                lat = []
-                for _ in range(n):
-                    t0 = time.perf_counter()
-                    await c.infer(task.name, [TEXT])
-                    lat.append(time.perf_counter() - t0)
-                return before, lat
-
-        before, lat = aio.run(run())
-        after = d.tasks()[task.name]
+        fm.start()
+        aio.run(fm.deploy([task]))
+        before, lat = aio.run(sequential(fm, n, lambda: fm.daemon.tasks()[task.name]))
+        after = fm.daemon.tasks()[task.name]
     finally:
-        d.cleanup()
+        fm.stop()
     served = after.requests - before.requests
     return {"end_to_end_ms": _summary(lat), "requests": n, "daemon_counted": served,
             "in_fmplexd_p50_ms": after.p50_ms,
@@ -75,22 +80,7 @@ def dedicated_path(task: TaskDef, backbone: str, n: int) -> dict:
     b = Baselines("dedicated", threads=1, backbone=backbone)
     try:
         b.start([task])
-
-        async def run():
-            await b.open(30)
-            try:
-                for _ in range(20):
-                    await b.infer(0, TEXT, 30)
-                lat = []
-                for _ in range(n):
-                    t0 = time.perf_counter()
-                    await b.infer(0, TEXT, 30)
-                    lat.append(time.perf_counter() - t0)
-                return lat
-            finally:
-                await b.close()
-
-        lat = aio.run(run())
+        _, lat = aio.run(sequential(b, n))
     finally:
         b.stop()
     return {"end_to_end_ms": _summary(lat), "requests": n}
