@@ -97,7 +97,7 @@ def _reaped(pid: int) -> bool:
             with open(f"/proc/{pid}/stat") as f:
                 if f.read().split()[2] == "Z":
                     return True
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):   # gone (also while being read)
             return True
         os.sched_yield()
     return False
