@@ -22,12 +22,15 @@ def lora_overhead(backbone, adapter_dirs: list[str], steps: int) -> dict:
     from testkit.extensions import commit_extension
     cfg = backbone.config
     fw = DecoderForward(cfg, backbone.weights)
-    pool = KVPool.sized(64, cfg.layers, cfg.kv_heads, cfg.head_dim, 16)
+    block = 16
+    pool = KVPool(cfg.layers, cfg.kv_heads, cfg.head_dim, block,
+                  ROWS * -(-(CONTEXT + 1) // block), backbone.weights["model.norm.weight"].dtype)
     rng = np.random.default_rng(0)
     tables = []
     for _ in range(ROWS):                                  # fill each context once
         table: list[int] = []
-        pool.grow(table, CONTEXT + 1)
+        if not pool.grow(table, CONTEXT + 1):
+            raise RuntimeError("the micro benchmark's KV pool is too small")
         slots = pool.slots(table, 0, CONTEXT)
         it = Iteration(torch.from_numpy(rng.integers(100, cfg.vocab - 1, CONTEXT)),
                        torch.arange(CONTEXT), slots, [SeqRows(0, CONTEXT, 0, slots)],
