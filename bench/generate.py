@@ -12,7 +12,8 @@ requests and the same torch thread count for every system. Phases, for each N:
   2. load: Poisson arrivals at 50% and 80% of fmplex's saturation request rate, the same arrivals
      for every system; TTFT (first token at the client) and TPOT p50/p99.
 Then, on fmplex alone: served tokens of three tasks weighted 1:2:4 under saturation; and in-process
-the LoRA overhead of a 32-row decode step (8 distinct rank-16 adapters vs the base). llama.cpp
+the LoRA overhead of a 32-row decode step (8 distinct rank-16 adapters vs the base), and the int8
+dtype against float32 (decode tokens/s at batch 1, share of greedy steps agreeing). llama.cpp
 (node-llama-cpp, prebuilt CPU binary) runs the base GGUF single-stream and with parallel sequences
 when it is installed (bench/genbench/llamacpp/; see docs/benchmarks.md).
 
@@ -27,7 +28,7 @@ import shutil
 import sys
 
 from bench import common
-from bench.genbench import fairness, micro, plan as plans
+from bench.genbench import fairness, int8, micro, plan as plans
 from bench.genbench.colocated import Colocated
 from bench.genbench.fmplex_gen import FmplexGen
 from bench.genbench.hf_static import HfStatic
@@ -142,6 +143,11 @@ def main(argv=None) -> int:
         bb = load_backbone("llm", paths[0], "float32", os.path.join(work, "bb"))
         results["lora_overhead"] = micro.lora_overhead(bb, adapters, plan.micro_steps)
         del bb
+        print("int8 vs float32 (in-process, batch 1)", file=sys.stderr, flush=True)
+        prompts = [r.ids for r in requests(tok, 1, None, 1.0, plan.int8_prompts, plan.seed,
+                                           prompt=plan.prompt, output=plan.output)]
+        results["int8"] = int8.int8_vs_float32(paths[0], prompts, plan.int8_steps,
+                                               os.path.join(work, "int8"))
         for n in plan.task_counts:
             results["tasks"][str(n)] = run_tasks(plan, n, paths, adapters, tok, work)
         results["fairness"] = _fairness(plan, paths, tok, work)
@@ -196,6 +202,12 @@ def tables(r: dict, plan) -> None:
         ["LoRA math alone, segments (daemon)", lo["lora_math_segments_ms"]],
         ["LoRA math alone, gather form", lo["lora_math_gather_ms"]]],
         title=f"LoRA overhead: {lo['overhead']:.1%}")
+    q = r["int8"]
+    common.print_table(["dtype", "decode tok/s (batch 1)", "region MiB"], [
+        ["float32", q["float32_tokens_per_s"], q["float32_region_mib"]],
+        ["int8 (weight-only, per-channel)", q["int8_tokens_per_s"], q["int8_region_mib"]]],
+        title=f"int8 vs float32: {q['speedup']:.2f}x decode speed, greedy steps agreeing "
+              f"{q['greedy_agreement']:.1%} of {q['steps_compared']} (teacher-forced)")
     f = r["fairness"]
     common.print_table(["weight", "served tokens", "share", "want"],
                        [[w, v, s, x] for w, v, s, x in zip(f["weights"], f["served"].values(),

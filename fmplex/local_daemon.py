@@ -45,10 +45,12 @@ def pss_bytes(pid: int) -> int:
 
 class LocalDaemon:
     """A real fmplexd subprocess in a private directory. `backbones`: {name: path} ("embedded",
-    a model directory, ...); `config`: extra TOML lines for fmplexd.toml."""
+    a model directory, ...); `config`: extra TOML lines for fmplexd.toml; `dtypes`: {name: dtype}
+    for backbones not in float32."""
 
     def __init__(self, backbones: dict[str, str] | str = "embedded", config: str = "",
-                 env: dict | None = None, workdir: str | None = None, threads: int = 0):
+                 env: dict | None = None, workdir: str | None = None, threads: int = 0,
+                 dtypes: dict[str, str] | None = None):
         if isinstance(backbones, str):
             backbones = {"default": backbones}
         self.dir = workdir or short_tmpdir()
@@ -57,7 +59,9 @@ class LocalDaemon:
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(self.notify_path)
         self.config_path = os.path.join(self.dir, "fmplexd.toml")
-        tables = "".join(f'[[backbone]]\nname = "{n}"\npath = "{p}"\n' for n, p in backbones.items())
+        dtypes = dtypes or {}
+        tables = "".join(f'[[backbone]]\nname = "{n}"\npath = "{p}"\n'
+                         f'dtype = "{dtypes.get(n, "float32")}"\n' for n, p in backbones.items())
         if "metrics_listen" not in config:       # many daemons at once: each on a free port
             config += '\nmetrics_listen = "127.0.0.1:0"'   # (its URL: InfoReply.metrics)
         with open(self.config_path, "w") as f:

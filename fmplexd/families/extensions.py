@@ -8,6 +8,7 @@ one small matmul or scale per task and never materialise a dense per-task delta.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -44,13 +45,15 @@ def module_extensions(task_rows) -> dict[tuple[int, str], ModuleExt]:
 
 
 def extended_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    ext: ModuleExt | None, owned: bool = False) -> torch.Tensor:
+                    ext: ModuleExt | None, owned: bool = False,
+                    base: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """y = linear(x) with the batch's extensions of this layer, in PEFT's order: IA3 input scaling
     -> base linear (+ bias) -> + LoRA (on the same scaled input) -> IA3 output scaling. `owned`: x
-    is a temporary of this layer only, so input scaling may happen in place."""
+    is a temporary of this layer only, so input scaling may happen in place. `base(x)`, when
+    given, is the base linear (a quantized weight's kernel) in place of F.linear(x, weight, bias)."""
     if ext is None:
-        return F.linear(x, weight, bias)
+        return base(x) if base is not None else F.linear(x, weight, bias)
     x = (segmented_scale_ if owned else segmented_scale)(x, ext.scale_in)
-    y = F.linear(x, weight, bias)
+    y = base(x) if base is not None else F.linear(x, weight, bias)
     segmented_lora(y, x, ext.lora)
     return segmented_scale_(y, ext.scale_out)

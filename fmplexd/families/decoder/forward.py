@@ -15,7 +15,8 @@ RoPE is Hugging Face's rotate_half form: inv_freq = theta^(-2i/d), angle = posit
 q' = q cos + rotate_half(q) sin. Attention: decode rows of all sequences in one call over their
 contexts gathered from the pool and padded to the longest (a key mask hides the padding); each
 prefill chunk in its own call with a causal mask offset by its start. Everything is computed in
-the weights' dtype; the KV pool holds keys after RoPE.
+the weights' dtype (float32 for int8 weights: each matrix product is kernels.int8.int8_linear and
+the embedding a scaled row lookup); the KV pool holds keys after RoPE.
 """
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from fmplexd.families.decoder.kv import KVPool
-from fmplexd.families.decoder.loader import TARGETS, DecoderConfig
+from fmplexd.families.decoder.loader import SCALE_SUFFIX, TARGETS, DecoderConfig
 from fmplexd.families.extensions import ModuleExt, extended_linear
+from kernels.int8 import int8_linear, int8_rows
 
 
 @dataclass(slots=True)
@@ -66,7 +68,14 @@ class DecoderForward:
         d = cfg.head_dim
         self.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64)
                                                   .float() / d))
-        self.lm_head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
+        head = "lm_head.weight" if "lm_head.weight" in weights else "model.embed_tokens.weight"
+        self.embed, self.lm_head = weights["model.embed_tokens.weight"], weights[head]
+        self.embed_scale = weights.get("model.embed_tokens.weight" + SCALE_SUFFIX)
+        self.head_scale = weights.get(head + SCALE_SUFFIX)
+        self.int8 = self.embed.dtype == torch.int8      # the "int8" dtype: see kernels.int8
+        self.dtype = torch.float32 if self.int8 else self.embed.dtype
+        self.base = {(i, t): self._base_linear(f"model.layers.{i}.{path}.weight")
+                     for i in range(cfg.layers) for t, path in TARGETS.items()}
 
     @torch.inference_mode()
     def __call__(self, it: Iteration, pool: KVPool) -> torch.Tensor:
@@ -74,7 +83,7 @@ class DecoderForward:
         cfg, w = self.cfg, self.w
         plan = self._plan(it)
         cos, sin = self._rope(it.positions)
-        x = F.embedding(it.ids, w["model.embed_tokens.weight"])             # (T, H)
+        x = self._embed(it.ids)                                               # (T, H)
         for i in range(cfg.layers):
             p = f"model.layers.{i}."
             a = self.rmsnorm(x, w[p + "input_layernorm.weight"])
@@ -90,12 +99,27 @@ class DecoderForward:
             g = F.silu(self.linear(a, i, "gate_proj", it)) * self.linear(a, i, "up_proj", it)
             x = x + self.linear(g, i, "down_proj", it, owned=True)
         h = self.rmsnorm(x[it.sample_rows], w["model.norm.weight"])
+        if self.int8:
+            return int8_linear(h, self.lm_head, self.head_scale).float()
         return F.linear(h, self.lm_head).float()
 
     def linear(self, x: torch.Tensor, layer: int, target: str, it: Iteration,
                owned: bool = False) -> torch.Tensor:
-        weight = self.w[f"model.layers.{layer}.{TARGETS[target]}.weight"]
-        return extended_linear(x, weight, None, it.ext.get((layer, target)), owned)
+        weight, base = self.base[(layer, target)]
+        return extended_linear(x, weight, None, it.ext.get((layer, target)), owned, base)
+
+    def _base_linear(self, key: str):
+        """(weight, None) for F.linear, or for an int8 matrix (weight, x -> int8_linear(x))."""
+        weight = self.w[key]
+        if weight.dtype != torch.int8:
+            return weight, None
+        scale = self.w[key + SCALE_SUFFIX]
+        return weight, lambda x: int8_linear(x, weight, scale)
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.int8:
+            return int8_rows(ids, self.embed, self.embed_scale)
+        return F.embedding(ids, self.embed)
 
     def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """weight * x / sqrt(mean(x^2) + eps), computed in float32 as Hugging Face's LlamaRMSNorm."""
@@ -128,7 +152,7 @@ class DecoderForward:
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         angle = positions.float()[:, None] * self.inv_freq[None, :]              # (T, d/2)
         emb = torch.cat((angle, angle), dim=-1)
-        dtype = self.w["model.embed_tokens.weight"].dtype
+        dtype = self.dtype
         return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
 
     @staticmethod

@@ -23,10 +23,12 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file
 
-from fmplexd.families.base import Backbone, Progress, quiet, hf_model_type, publish_checked
+from fmplexd.families.base import Backbone, Progress, check_shapes, hf_model_type, publish, quiet
 from ipc.messages import BackboneInfo, Family, GenerationInfo, TargetInfo
+from kernels.int8 import quantize_per_channel
 
 MODEL_TYPES = {"llama"}
+SCALE_SUFFIX = "_scale"      # int8 backbones: "<matrix>.weight_scale" holds its per-row scales
 TARGETS = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
            "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
            "down_proj": "mlp.down_proj"}
@@ -102,9 +104,12 @@ def load(name: str, path: str, dtype: str = "float32", workdir: str | None = Non
     cfg = config_from(raw_cfg)
     if cfg.tied:
         tensors.pop("lm_head.weight", None)
+    tensors, keep = check_shapes(path, tensors, expected_shapes(cfg)), frozenset()
+    if dtype == "int8":
+        report("quantizing to int8")
+        tensors, keep = quantize_matrices(tensors)
     report("publishing weights")
-    fd, manifest, region, weights = publish_checked(name, path, tensors, expected_shapes(cfg),
-                                                    dtype)
+    fd, manifest, region, weights = publish(name, tensors, dtype, keep)
     del tensors
     dims = target_dims(cfg)
     info = BackboneInfo(
@@ -116,6 +121,21 @@ def load(name: str, path: str, dtype: str = "float32", workdir: str | None = Non
         max_positions=cfg.max_positions, vocab=cfg.vocab, tokenizer=tok_path,
         generation=GenerationInfo(context=cfg.max_positions, **gen))
     return Backbone(name, path, Family.DECODER, dtype, cfg, fd, manifest, region, weights, info)
+
+
+def quantize_matrices(tensors: dict[str, torch.Tensor]
+                      ) -> tuple[dict[str, torch.Tensor], frozenset[str]]:
+    """The "int8" dtype: every matrix (the 7 targets of each layer, the token embeddings, an untied
+    LM head) becomes int8 with per-row float32 scales under NAME + SCALE_SUFFIX (kernels.int8);
+    norms stay as they are (published in float32). Returns the tensors and the names to keep."""
+    out, keep = {}, set()
+    for key, t in tensors.items():
+        if t.dim() == 2:
+            out[key], out[key + SCALE_SUFFIX] = quantize_per_channel(t)
+            keep.update((key, key + SCALE_SUFFIX))
+        else:
+            out[key] = t
+    return out, frozenset(keep)
 
 
 def _from_gguf(path: str, workdir: str | None, report: Progress):

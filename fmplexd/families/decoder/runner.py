@@ -32,7 +32,7 @@ from typing import Hashable
 
 import torch
 
-from fmplexd.families.base import Backbone, Delivery, Pacer, TaskRef, Work
+from fmplexd.families.base import TORCH_DTYPES, Backbone, Delivery, Pacer, TaskRef, Work, compute_dtype
 from fmplexd.families.decoder.forward import DecoderForward, Iteration, SeqRows
 from fmplexd.families.decoder.kv import KVPool
 from fmplexd.families.decoder.sampling import Sampling, sample
@@ -44,7 +44,6 @@ from ipc.messages import Error, FinishReason, Generate, Tokens
 
 DECODE_PRICE = 2.0        # scheduler cost of one generated token, in prompt tokens
 MIN_PREFILL = 64          # prefill rows an iteration always makes room for
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(eq=False)
@@ -83,7 +82,7 @@ class DecoderRunner:
         self.backbone, self.cfg = backbone, cfg
         self.forward = DecoderForward(cfg, backbone.weights)
         self.pool = KVPool.sized(settings.kv_pool_mb, cfg.layers, cfg.kv_heads, cfg.head_dim,
-                                 settings.kv_block_tokens, TORCH_DTYPES[backbone.dtype])
+                                 settings.kv_block_tokens, TORCH_DTYPES[compute_dtype(backbone.dtype)])
         self.pacer = Pacer(settings.token_budget, settings.batch_target_ms / 1e3)
         self.max_sequences = settings.max_sequences
         gen = backbone.info.generation
