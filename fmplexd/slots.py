@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fmplexd.families.base import compute_dtype
+from fmplexd.families import compute_dtype
 from ipc.messages import (BackboneInfo, ExtensionSpec, HeadInput, HeadKind, Pooling, SlotEntry,
                           SlotGrant)
 from ipc.shm import MappedRegion, create_region

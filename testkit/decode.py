@@ -17,8 +17,7 @@ def greedy_decode(fw: DecoderForward, cfg, prompt: list[int], steps: int,
     """Greedy tokens after `prompt` (the argmax of each step) and each decode step's seconds;
     with `forced`, those tokens are fed instead of the argmax."""
     n = len(prompt)
-    pool = KVPool(cfg.layers, cfg.kv_heads, cfg.head_dim, BLOCK, -(-(n + steps) // BLOCK),
-                  fw.dtype)
+    pool = KVPool.holding(1, n + steps, cfg.layers, cfg.kv_heads, cfg.head_dim, BLOCK, fw.dtype)
     table: list[int] = []
     if not pool.grow(table, n + steps):
         raise RuntimeError("greedy_decode: KV pool too small")

@@ -22,9 +22,7 @@ def lora_overhead(backbone, adapter_dirs: list[str], steps: int) -> dict:
     from testkit.extensions import commit_extension
     cfg = backbone.config
     fw = DecoderForward(cfg, backbone.weights)
-    block = 16
-    pool = KVPool(cfg.layers, cfg.kv_heads, cfg.head_dim, block,
-                  ROWS * -(-(CONTEXT + 1) // block), backbone.weights["model.norm.weight"].dtype)
+    pool = KVPool.holding(ROWS, CONTEXT + 1, cfg.layers, cfg.kv_heads, cfg.head_dim, 16, fw.dtype)
     rng = np.random.default_rng(0)
     tables = []
     for _ in range(ROWS):                                  # fill each context once

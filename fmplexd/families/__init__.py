@@ -16,8 +16,15 @@ MODULES = {Family.TEXT_ENCODER: "fmplexd.families.encoder",
            Family.DECODER: "fmplexd.families.decoder",
            Family.VISION: "fmplexd.families.vision",
            Family.TIME_SERIES: "fmplexd.families.timeseries"}
-# Weight-only dtypes (fmplexd.families.base.WEIGHT_ONLY) and the families whose loaders quantize.
-WEIGHT_ONLY_FAMILIES = {"int8": (Family.DECODER,)}
+# Weight-only dtypes: the backbone's matrices are stored in them (with scales); activations, KV
+# and extensions use the compute dtype. Each names its compute dtype and the families whose
+# loaders quantize to it.
+WEIGHT_ONLY = {"int8": ("float32", (Family.DECODER,))}
+
+
+def compute_dtype(dtype: str) -> str:
+    """The dtype activations, the KV pool and extensions use on a backbone of weight `dtype`."""
+    return WEIGHT_ONLY[dtype][0] if dtype in WEIGHT_ONLY else dtype
 
 
 def family_module(family: Family):
@@ -42,9 +49,9 @@ def load_backbone(name: str, path: str, dtype: str = "float32", workdir: str | N
     from fmplexd.families.embedded import resolve
     path = resolve(path)
     family = detect(path)
-    if dtype in WEIGHT_ONLY_FAMILIES and family not in WEIGHT_ONLY_FAMILIES[dtype]:
+    if dtype in WEIGHT_ONLY and family not in WEIGHT_ONLY[dtype][1]:
         raise ValueError(f"backbone {name}: dtype {dtype!r} is for "
-                         f"{', '.join(f.value for f in WEIGHT_ONLY_FAMILIES[dtype])} backbones "
+                         f"{', '.join(f.value for f in WEIGHT_ONLY[dtype][1])} backbones "
                          f"only; {path} is a {family.value} backbone")
     return family_module(family).load(name, path, dtype, workdir, progress=progress)
 

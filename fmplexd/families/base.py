@@ -26,6 +26,7 @@ from typing import Any, Callable, Hashable, Protocol
 import numpy as np
 import torch
 
+from fmplexd.families import compute_dtype
 from fmplexd.scheduler import Batch, Request, Scheduler
 from ipc.errors import FmplexError
 from ipc.messages import BackboneInfo, Family, Manifest, Message, TargetInfo
@@ -39,14 +40,6 @@ def quiet(_: str) -> None:
 
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# Weight-only dtypes: the backbone's matrices are stored in them (with scales), activations, KV
-# and extensions are computed in the compute dtype.
-WEIGHT_ONLY = {"int8": "float32"}
-
-
-def compute_dtype(dtype: str) -> str:
-    """The dtype activations, the KV pool and extensions use on a backbone of weight `dtype`."""
-    return WEIGHT_ONLY.get(dtype, dtype)
 
 
 @dataclass(slots=True)

@@ -69,9 +69,9 @@ class DecoderForward:
         self.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64)
                                                   .float() / d))
         head = "lm_head.weight" if "lm_head.weight" in weights else "model.embed_tokens.weight"
-        self.embed, self.lm_head = weights["model.embed_tokens.weight"], weights[head]
+        self.embed = weights["model.embed_tokens.weight"]
         self.embed_scale = weights.get("model.embed_tokens.weight" + SCALE_SUFFIX)
-        self.head_scale = weights.get(head + SCALE_SUFFIX)
+        self.lm_head, self.head_base = self._base_linear(head)
         self.int8 = self.embed.dtype == torch.int8      # the "int8" dtype: see kernels.int8
         self.dtype = torch.float32 if self.int8 else self.embed.dtype
         self.base = {(i, t): self._base_linear(f"model.layers.{i}.{path}.weight")
@@ -99,9 +99,8 @@ class DecoderForward:
             g = F.silu(self.linear(a, i, "gate_proj", it)) * self.linear(a, i, "up_proj", it)
             x = x + self.linear(g, i, "down_proj", it, owned=True)
         h = self.rmsnorm(x[it.sample_rows], w["model.norm.weight"])
-        if self.int8:
-            return int8_linear(h, self.lm_head, self.head_scale).float()
-        return F.linear(h, self.lm_head).float()
+        base = self.head_base
+        return (base(h) if base is not None else F.linear(h, self.lm_head)).float()
 
     def linear(self, x: torch.Tensor, layer: int, target: str, it: Iteration,
                owned: bool = False) -> torch.Tensor:

@@ -33,6 +33,13 @@ class KVPool:
         return cls(layers, kv_heads, head_dim, block_size, max(1, int(mib * 2**20) // per_block),
                    dtype)
 
+    @classmethod
+    def holding(cls, sequences: int, tokens: int, layers: int, kv_heads: int, head_dim: int,
+                block_size: int, dtype: torch.dtype = torch.float32) -> "KVPool":
+        """A pool of exactly enough blocks for `sequences` sequences of `tokens` tokens each."""
+        return cls(layers, kv_heads, head_dim, block_size,
+                   sequences * -(-tokens // block_size), dtype)
+
     @property
     def free_blocks(self) -> int:
         return len(self._free)

@@ -32,7 +32,7 @@ from typing import Hashable
 
 import torch
 
-from fmplexd.families.base import TORCH_DTYPES, Backbone, Delivery, Pacer, TaskRef, Work, compute_dtype
+from fmplexd.families.base import Backbone, Delivery, Pacer, TaskRef, Work
 from fmplexd.families.decoder.forward import DecoderForward, Iteration, SeqRows
 from fmplexd.families.decoder.kv import KVPool
 from fmplexd.families.decoder.sampling import Sampling, sample
@@ -82,7 +82,7 @@ class DecoderRunner:
         self.backbone, self.cfg = backbone, cfg
         self.forward = DecoderForward(cfg, backbone.weights)
         self.pool = KVPool.sized(settings.kv_pool_mb, cfg.layers, cfg.kv_heads, cfg.head_dim,
-                                 settings.kv_block_tokens, TORCH_DTYPES[compute_dtype(backbone.dtype)])
+                                 settings.kv_block_tokens, self.forward.dtype)
         self.pacer = Pacer(settings.token_budget, settings.batch_target_ms / 1e3)
         self.max_sequences = settings.max_sequences
         gen = backbone.info.generation
