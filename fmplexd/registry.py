@@ -11,6 +11,16 @@ from fmplexd.slots import Slot
 from ipc.messages import ExtensionSpec, TaskConfig, TaskState, TaskStats
 
 
+STAT_MAX = (1 << 63) - 1     # TaskStats' counters are Int(0): a reply holding more cannot decode
+
+
+def _count(n: int) -> int:
+    """A counter the task reported (its result cache: CacheStats carries up to 2**64 - 1), summed
+    over sessions, capped to what TaskStats carries, so one task's report cannot make the task
+    listing that every client reads undecodable."""
+    return min(n, STAT_MAX)
+
+
 class LatencyWindow:
     """Latencies of the last `size` requests and completion times of the last `window_s` seconds."""
 
@@ -81,8 +91,9 @@ class TaskEntry:
             overloaded=self.overloaded_before + overloaded, p50_ms=p50, p99_ms=p99,
             rate=self.latency.rate(now), restarts=self.restarts, endpoint=self.endpoint,
             backbone=self.config.backbone, device_ms=(self.device_before_s + device_s) * 1e3,
-            family=self.config.family, cache_hits=self.cache_before[0] + self.cache[0],
-            cache_misses=self.cache_before[1] + self.cache[1], cache_bytes=self.cache[2])
+            family=self.config.family, cache_hits=_count(self.cache_before[0] + self.cache[0]),
+            cache_misses=_count(self.cache_before[1] + self.cache[1]),
+            cache_bytes=_count(self.cache[2]))
 
 
 class Registry:
