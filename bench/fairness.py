@@ -129,14 +129,14 @@ def client_proc(conn, run_dir: str, task: str, times: list[float] | None, texts:
 
 def tenant_cgroups(pid: int) -> list[str]:
     """The cgroup.procs files of the cgroups fmplexd made for the task process `pid` (fmplexd.
-    cgroups: v1 `.../fmplexd-<pid>/<task>`, v2 `.../tasks/<task>`); [] where it has none. A
+    cgroups: v1 `.../fmplexd-<pid>:<task>`, v2 `.../task:<task>`); [] where it has none. A
     tenant's client joins them: on one host, a tenant's own processes share its CPU weight (as
     systemd puts each user's processes in a slice), rather than outweighing every task together."""
     from fmplexd.cgroups import mounts_by_controller, process_cgroups
     mounts, out = mounts_by_controller(), []
     for controller, path in process_cgroups(pid).items():
         name = controller or "cgroup2"
-        if ("/fmplexd-" in path or "/tasks/" in path) and name in ("cpu", "memory", "cgroup2") \
+        if ("/fmplexd-" in path or "/task:" in path) and name in ("cpu", "memory", "cgroup2") \
                 and name in mounts:
             out.append(os.path.join(mounts[name], path.lstrip("/"), "cgroup.procs"))
     return out

@@ -7,19 +7,28 @@
     tree.release(name)                            # remove the task's cgroup (its process exited)
     tree.close()                                  # remove what place() made
 
+Flat: a task's cgroup sits beside the daemon, not inside a group of all tasks. In a nested group the
+kernel splits the group's weight over the CPUs by each CPU's share of the group's load, so a task
+process that wakes for one request, beside a flooding sibling that keeps the group loaded, gets a
+few percent of an already small weight and waits tens of milliseconds per wake-up while the
+daemon's lanes keep the CPUs busy (bench/fairness: the quiet tasks' reply path, forward end to
+client, p99 120-180 ms nested, 20 ms flat). Beside the daemon, a task's cgroup weighs as much as
+one of the daemon's threads per unit of task weight; a flooding tenant is held to that share (and
+its admission room, fmplexd.engine), while a quiet one wakes at once (with the short slice of
+fmplexd.cpu_slice).
+
 Two hierarchies, one contract:
   v2 (unified): the daemon's own cgroup must be delegated to it (systemd `Delegate=yes`: the
      directory, its cgroup.procs and cgroup.subtree_control writable by the daemon). A cgroup with
      children holds no processes, so the daemon first moves its own processes (and the zygote)
-     into `<own>/daemon` (cpu.weight DAEMON_WEIGHT_V2) and creates `<own>/tasks` (cpu.weight
-     TASKS_WEIGHT_V2): when CPU is contended the daemon's forward and I/O come before every task's
-     pre/post-processing. Each task: `<own>/tasks/<name>`, cpu.weight = 100 x its weight (1 ..
-     10000) and memory.max = memory_mb MiB ("max" for 0).
+     into `<own>/daemon` (cpu.weight = 100 x (cores + 1): as many weight-1 tasks as its lanes and
+     event loop). Each task: `<own>/task:<name>`, cpu.weight = 100 x its weight (1 .. 10000) and
+     memory.max = memory_mb MiB ("max" for 0).
   v1 (legacy: separate cpu and memory hierarchies, e.g. a container with a writable cgroupfs):
-     `<own cpu>/fmplexd-<pid>/<name>` with cpu.shares = 1024 x weight (2 .. 262144) under a group
-     at TASKS_SHARES_V1 (the daemon's threads stay in its own cgroup at 1024 each), and
-     `<own memory>/fmplexd-<pid>/<name>` with memory.limit_in_bytes. Groups left by a daemon that
-     died (`fmplexd-<pid>` of a dead pid, empty) are removed at start.
+     `<own cpu>/fmplexd-<pid>:<name>` with cpu.shares = 1024 x weight (2 .. 262144), beside the
+     daemon's threads (1024 each), and `<own memory>/fmplexd-<pid>:<name>` with
+     memory.limit_in_bytes. Groups left by a daemon that died (`fmplexd-<pid>` or
+     `fmplexd-<pid>:...` of a dead pid, empty) are removed at start.
 
 mode (config `task_cgroups`): "auto" (v2 if delegated, else v1 if writable, else none), "v2", "v1",
 or "off". Nothing here raises for a host that cannot do it: detect() returns None and logs why;
@@ -32,8 +41,7 @@ import os
 
 log = logging.getLogger("fmplexd.cgroups")
 MOUNTINFO = "/proc/self/mountinfo"
-DAEMON_WEIGHT_V2, TASKS_WEIGHT_V2 = 10000, 100
-TASKS_SHARES_V1 = 256
+TASK_PREFIX_V2 = "task:"
 MODES = ("auto", "v2", "v1", "off")
 
 
@@ -83,7 +91,6 @@ class _V2(TaskCgroups):
 
     def __init__(self, own: str):
         self.own = own
-        self.tasks = os.path.join(own, "tasks")
         daemon = os.path.join(own, "daemon")
         os.makedirs(daemon, exist_ok=True)
         with open(os.path.join(own, "cgroup.procs")) as f:       # the daemon, its threads' group
@@ -91,10 +98,7 @@ class _V2(TaskCgroups):
         for pid in pids:                                        # and the zygote, if started
             _write(os.path.join(daemon, "cgroup.procs"), pid, missing_ok=True)
         _write(os.path.join(own, "cgroup.subtree_control"), "+cpu +memory")
-        os.makedirs(self.tasks, exist_ok=True)
-        _write(os.path.join(self.tasks, "cgroup.subtree_control"), "+cpu +memory")
-        _write(os.path.join(daemon, "cpu.weight"), str(DAEMON_WEIGHT_V2))
-        _write(os.path.join(self.tasks, "cpu.weight"), str(TASKS_WEIGHT_V2))
+        _write(os.path.join(daemon, "cpu.weight"), str(daemon_weight()))
 
     @staticmethod
     def usable(mounts: dict, own: dict) -> str | None:
@@ -116,21 +120,22 @@ class _V2(TaskCgroups):
         return None
 
     def place(self, name: str, weight: float, memory_mb: int) -> list[str]:
-        path = os.path.join(self.tasks, name)
+        path = os.path.join(self.own, TASK_PREFIX_V2 + name)
         os.makedirs(path, exist_ok=True)
         _write(os.path.join(path, "cpu.weight"), str(cpu_weight(weight)))
         _write(os.path.join(path, "memory.max"), str(memory_mb << 20) if memory_mb else "max")
         return [os.path.join(path, "cgroup.procs")]
 
     def release(self, name: str) -> None:
-        _rmdir(os.path.join(self.tasks, name))
+        _rmdir(os.path.join(self.own, TASK_PREFIX_V2 + name))
 
     def close(self) -> None:
-        for name in _subdirs(self.tasks):
-            self.release(name)
+        for d in _subdirs(self.own):
+            if d.startswith(TASK_PREFIX_V2):
+                _rmdir(os.path.join(self.own, d))
 
     def describe(self) -> str:
-        return f"cgroup v2 under {self.tasks}"
+        return f"cgroup v2: {self.own}/{TASK_PREFIX_V2}<task>"
 
 
 class _V1(TaskCgroups):
@@ -144,14 +149,13 @@ class _V1(TaskCgroups):
     def __init__(self, own: dict[str, str]):
         for c, path in own.items():            # groups of earlier daemons that died
             for d in _subdirs(path):
-                if d.startswith("fmplexd-") and not _alive(d[len("fmplexd-"):]):
-                    for name in _subdirs(os.path.join(path, d)):
+                pid = d[len("fmplexd-"):].split(":", 1)[0]
+                if d.startswith("fmplexd-") and not _alive(pid):
+                    for name in _subdirs(os.path.join(path, d)):    # (the older, nested layout)
                         _rmdir(os.path.join(path, d, name))
                     _rmdir(os.path.join(path, d))
-        self.groups = {c: os.path.join(path, f"fmplexd-{os.getpid()}") for c, path in own.items()}
-        for c, path in self.groups.items():
-            os.makedirs(path, exist_ok=True)
-        _write(os.path.join(self.groups["cpu"], "cpu.shares"), str(TASKS_SHARES_V1))
+        self.own = own
+        self.prefix = f"fmplexd-{os.getpid()}:"
 
     @staticmethod
     def usable(mounts: dict, own: dict) -> str | None:
@@ -164,8 +168,8 @@ class _V1(TaskCgroups):
         return None
 
     def place(self, name: str, weight: float, memory_mb: int) -> list[str]:
-        cpu = os.path.join(self.groups["cpu"], name)
-        mem = os.path.join(self.groups["memory"], name)
+        cpu = os.path.join(self.own["cpu"], self.prefix + name)
+        mem = os.path.join(self.own["memory"], self.prefix + name)
         os.makedirs(cpu, exist_ok=True)
         os.makedirs(mem, exist_ok=True)
         _write(os.path.join(cpu, "cpu.shares"), str(cpu_shares(weight)))
@@ -174,17 +178,23 @@ class _V1(TaskCgroups):
         return [os.path.join(cpu, "cgroup.procs"), os.path.join(mem, "cgroup.procs")]
 
     def release(self, name: str) -> None:
-        for path in self.groups.values():
-            _rmdir(os.path.join(path, name))
+        for path in self.own.values():
+            _rmdir(os.path.join(path, self.prefix + name))
 
     def close(self) -> None:
-        for path in self.groups.values():
-            for name in _subdirs(path):
-                _rmdir(os.path.join(path, name))
-            _rmdir(path)
+        for path in self.own.values():
+            for d in _subdirs(path):
+                if d.startswith(self.prefix):
+                    _rmdir(os.path.join(path, d))
 
     def describe(self) -> str:
-        return f"cgroup v1 under {self.groups['cpu']} and {self.groups['memory']}"
+        return (f"cgroup v1: {self.own['cpu']}/{self.prefix}<task> and "
+                f"{self.own['memory']}/{self.prefix}<task>")
+
+
+def daemon_weight() -> int:
+    """cgroup v2 cpu.weight of the daemon's own group: one weight-1 task per core, plus one."""
+    return min(10000, 100 * (len(os.sched_getaffinity(0)) + 1))
 
 
 def cpu_weight(weight: float) -> int:

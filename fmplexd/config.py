@@ -28,6 +28,10 @@ backbone. Built once, never rewritten after construction.
                                        # ASLR layout); false = exec each one afresh
     task_nice = 10                     # supervised task processes run this much nicer than the
                                        # daemon (0-19): its forward and I/O come first
+    latency_slice_us = 100             # EEVDF slice (Linux >= 6.12) of the daemon's threads and its
+                                       # task processes: short wake-ups (a task between requests,
+                                       # the event loop) run before a busy forward's slice ends;
+                                       # 0 = the kernel's default (fmplexd.cpu_slice)
     task_cgroups = "auto"              # a cgroup per supervised task (cpu weight from its weight,
                                        # memory limit from its spec's memory_mb): auto | v2 | v1 |
                                        # off; auto = v2 where delegated (systemd Delegate=yes),
@@ -83,6 +87,7 @@ class DaemonConfig:
     task_zygote: bool = True
     task_nice: int = 10
     task_cgroups: str = "auto"
+    latency_slice_us: int = 100
     drain_timeout_s: float = 10.0
     metrics_listen: str = "127.0.0.1:9740"
     backbones: tuple[BackboneConfig, ...] = (BackboneConfig(),)
@@ -108,6 +113,8 @@ class DaemonConfig:
             raise ValueError("idle_credit_tokens must be >= 0")
         if not 0 <= self.task_nice <= 19:
             raise ValueError("task_nice must be in 0..19")
+        if self.latency_slice_us and not 100 <= self.latency_slice_us <= 100_000:
+            raise ValueError("latency_slice_us must be 0 or in 100..100000 (the kernel's range)")
         if self.task_cgroups not in ("auto", "v2", "v1", "off"):
             raise ValueError("task_cgroups must be auto, v2, v1 or off")
         if self.kv_pool_mb <= 0 or self.kv_block_tokens < 1 or self.max_sequences < 1:

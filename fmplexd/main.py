@@ -21,6 +21,18 @@ async def _serve(config, notify: Notifier) -> int:
     return 1 if daemon.failed else 0
 
 
+def _short_slice(us: int) -> None:
+    """Ask for a short EEVDF slice before any thread or child exists: the event loop, ZeroMQ's I/O
+    threads, the lanes, the task zygote and every task process inherit it (fmplexd.cpu_slice)."""
+    if not us:
+        return
+    from fmplexd.cpu_slice import set_slice_us
+    try:
+        set_slice_us(us)
+    except OSError as e:
+        logging.getLogger("fmplexd").warning("latency_slice_us = %d not applied: %s", us, e)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="fmplexd", description=__doc__)
     ap.add_argument("--config", help="TOML config file (default: built-in defaults)")
@@ -36,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fmplexd: bad configuration: {e}", file=sys.stderr)
         return 2
     sys.setswitchinterval(config.gil_switch_ms / 1e3)
+    _short_slice(config.latency_slice_us)
     from ipc import aio
     return aio.run(_serve(config, notify))
 

@@ -83,8 +83,11 @@ def test_tasks_get_cgroups_with_their_weight_and_memory_limit(tiny_bert):
             if probe.version == 1:
                 cpu = os.path.join(mounts["cpu"], heavy_cg["cpu"].lstrip("/"))
                 mem = os.path.join(mounts["memory"], heavy_cg["memory"].lstrip("/"))
-                assert os.path.basename(cpu) == "heavy" == os.path.basename(mem)
-                assert os.path.basename(os.path.dirname(cpu)) == f"fmplexd-{d.proc.pid}"
+                name = f"fmplexd-{d.proc.pid}:heavy"
+                assert os.path.basename(cpu) == name == os.path.basename(mem)
+                # flat: beside the daemon's own cgroup, not under a group of all tasks
+                assert os.path.dirname(heavy_cg["cpu"]) == daemon_cg["cpu"].rstrip("/") or \
+                    os.path.dirname(heavy_cg["cpu"]) == "/" == daemon_cg["cpu"]
                 assert read(cpu, "cpu.shares") == str(cpu_shares(2.0)) == "2048"
                 assert read(mem, "memory.limit_in_bytes") == str(300 << 20)
                 light_cpu = os.path.join(mounts["cpu"], light_cg["cpu"].lstrip("/"))
@@ -98,17 +101,42 @@ def test_tasks_get_cgroups_with_their_weight_and_memory_limit(tiny_bert):
                 light_v2 = os.path.join(mounts["cgroup2"], light_cg[""].lstrip("/"))
                 assert read(light_v2, "cpu.weight") == "50"
                 assert daemon_cg[""].endswith("/daemon")
+                assert os.path.basename(cg) == "task:heavy"
+                assert os.path.dirname(heavy_cg[""]) == os.path.dirname(daemon_cg[""])
                 own = cg
             assert str(heavy) in read(own, "cgroup.procs").split()
-            group = os.path.dirname(own)
             c.control(RemoveTask(ref=c.ref(), name="heavy"), timeout_s=60)
-            assert _gone(os.path.join(group, "heavy")), "the removed task's cgroup is left"
+            assert _gone(own), "the removed task's cgroup is left"
             assert c.infer("light", ["still serves"]).embeddings.shape == (1, 32)
+            light_own = os.path.join(os.path.dirname(own), os.path.basename(own).replace(
+                "heavy", "light"))
+            assert os.path.isdir(light_own)
         d.close()
-        if probe.version == 1:
-            assert not os.path.exists(group), "the daemon's group is left after it stopped"
+        assert _gone(light_own), "a task's cgroup is left after the daemon stopped"
     finally:
         d.cleanup()
+
+
+def test_daemon_and_task_processes_get_the_latency_slice(tiny_bert):
+    """latency_slice_us reaches every thread of the daemon and of its task processes (inherited
+    from the daemon's main thread); 0 leaves the kernel's default."""
+    from fmplexd.cpu_slice import slice_us
+    try:
+        default = slice_us()
+    except OSError as e:
+        pytest.skip(f"no sched_getattr here: {e}")
+    specs = short_tmpdir("fmx-slice-")
+    for setting, want in ((250, 250.0), (0, default)):
+        d = Daemon(tiny_bert, config=f"latency_slice_us = {setting}").start()
+        try:
+            with d.client() as c:
+                pid = deploy(c, specs, "emb", 'pipeline = "text-embedding"')
+                assert c.infer("emb", ["served"]).embeddings.shape == (1, 32)
+                for p in (d.proc.pid, pid):
+                    slices = {slice_us(int(t)) for t in os.listdir(f"/proc/{p}/task")}
+                    assert slices == {want}, (setting, p, slices)
+        finally:
+            d.cleanup()
 
 
 def read(directory: str, name: str) -> str:
