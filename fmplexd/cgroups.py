@@ -149,8 +149,7 @@ class _V1(TaskCgroups):
     def __init__(self, own: dict[str, str]):
         for c, path in own.items():            # groups of earlier daemons that died
             for d in _subdirs(path):
-                pid = d[len("fmplexd-"):].split(":", 1)[0]
-                if d.startswith("fmplexd-") and not _alive(pid):
+                if d.startswith("fmplexd-") and not _alive(d[len("fmplexd-"):].split(":", 1)[0]):
                     for name in _subdirs(os.path.join(path, d)):    # (the older, nested layout)
                         _rmdir(os.path.join(path, d, name))
                     _rmdir(os.path.join(path, d))

@@ -22,21 +22,23 @@ import struct
 _FORMAT = "IIQiIQQQII"           # struct sched_attr (SCHED_ATTR_SIZE_VER1: with the util clamps)
 _SIZE = struct.calcsize(_FORMAT)
 _SYSCALLS = {"x86_64": (314, 315), "aarch64": (274, 275)}     # sched_setattr, sched_getattr
+_SET, _GET = 0, 1
 _RUNTIME = 5
 
 
-def _syscalls() -> tuple[int, int]:
+def _syscall(which: int, *args) -> None:
+    """sched_setattr (_SET) or sched_getattr (_GET) with `args`; OSError where it fails."""
+    name = ("sched_setattr", "sched_getattr")[which]
     calls = _SYSCALLS.get(platform.machine())
     if calls is None:
-        raise OSError(errno.ENOSYS, f"sched_setattr: unknown on {platform.machine()}")
-    return calls
+        raise OSError(errno.ENOSYS, f"{name}: unknown on {platform.machine()}")
+    if ctypes.CDLL(None, use_errno=True).syscall(calls[which], *args):
+        raise OSError(ctypes.get_errno(), f"{name} failed")
 
 
 def _attr(tid: int) -> list:
-    libc = ctypes.CDLL(None, use_errno=True)
     buf = ctypes.create_string_buffer(_SIZE)
-    if libc.syscall(_syscalls()[1], tid, buf, _SIZE, 0):
-        raise OSError(ctypes.get_errno(), f"sched_getattr({tid}) failed")
+    _syscall(_GET, tid, buf, _SIZE, 0)
     return list(struct.unpack(_FORMAT, buf.raw))
 
 
@@ -47,7 +49,4 @@ def slice_us(tid: int = 0) -> float:
 def set_slice_us(us: float) -> None:
     attr = _attr(0)
     attr[0], attr[2], attr[_RUNTIME] = _SIZE, 0, int(us * 1e3)     # size, flags, sched_runtime
-    libc = ctypes.CDLL(None, use_errno=True)
-    packed = ctypes.create_string_buffer(struct.pack(_FORMAT, *attr), _SIZE)
-    if libc.syscall(_syscalls()[0], 0, packed, 0):
-        raise OSError(ctypes.get_errno(), "sched_setattr failed")
+    _syscall(_SET, 0, ctypes.create_string_buffer(struct.pack(_FORMAT, *attr), _SIZE), 0)
