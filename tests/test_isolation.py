@@ -86,14 +86,13 @@ def test_tasks_get_cgroups_with_their_weight_and_memory_limit(tiny_bert):
                 name = f"fmplexd-{d.proc.pid}:heavy"
                 assert os.path.basename(cpu) == name == os.path.basename(mem)
                 # flat: beside the daemon's own cgroup, not under a group of all tasks
-                assert os.path.dirname(heavy_cg["cpu"]) == daemon_cg["cpu"].rstrip("/") or \
-                    os.path.dirname(heavy_cg["cpu"]) == "/" == daemon_cg["cpu"]
+                assert os.path.dirname(heavy_cg["cpu"]) == os.path.normpath(daemon_cg["cpu"])
                 assert read(cpu, "cpu.shares") == str(cpu_shares(2.0)) == "2048"
                 assert read(mem, "memory.limit_in_bytes") == str(300 << 20)
                 light_cpu = os.path.join(mounts["cpu"], light_cg["cpu"].lstrip("/"))
                 assert read(light_cpu, "cpu.shares") == str(cpu_shares(0.5)) == "512"
                 assert heavy_cg["cpu"] != daemon_cg["cpu"]
-                own = cpu
+                own, light_own = cpu, light_cpu
             else:
                 cg = os.path.join(mounts["cgroup2"], heavy_cg[""].lstrip("/"))
                 assert read(cg, "cpu.weight") == str(cpu_weight(2.0)) == "200"
@@ -103,13 +102,11 @@ def test_tasks_get_cgroups_with_their_weight_and_memory_limit(tiny_bert):
                 assert daemon_cg[""].endswith("/daemon")
                 assert os.path.basename(cg) == "task:heavy"
                 assert os.path.dirname(heavy_cg[""]) == os.path.dirname(daemon_cg[""])
-                own = cg
+                own, light_own = cg, light_v2
             assert str(heavy) in read(own, "cgroup.procs").split()
             c.control(RemoveTask(ref=c.ref(), name="heavy"), timeout_s=60)
             assert _gone(own), "the removed task's cgroup is left"
             assert c.infer("light", ["still serves"]).embeddings.shape == (1, 32)
-            light_own = os.path.join(os.path.dirname(own), os.path.basename(own).replace(
-                "heavy", "light"))
             assert os.path.isdir(light_own)
         d.close()
         assert _gone(light_own), "a task's cgroup is left after the daemon stopped"
