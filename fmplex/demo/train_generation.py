@@ -6,7 +6,9 @@ Only the top `layers` carry the LoRA, so the frozen layers below run once (no gr
 the top layers, the final norm and the (tied) LM head on the assistant's tokens only, with the
 cross-entropy of the target answers. The forward is the daemon's math (fmplexd's DecoderForward
 pieces: RMSNorm, rotate_half RoPE, grouped-query attention, SwiGLU) over whole sequences. The
-adapter is written exactly as PEFT saves one, so the task process loads it like any other.
+adapter is written exactly as PEFT saves one, so the task process loads it like any other. The
+backbone may be loaded in any dtype the daemon serves a decoder in (float32, float16, bfloat16,
+int8): its frozen matrices are applied as the daemon applies them, the LoRA trains in float32.
 """
 from __future__ import annotations
 
@@ -77,7 +79,7 @@ def train_pirate(backbone, tokenizer, out_dir: str, recipe: GenRecipe = GenRecip
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
     t0 = time.perf_counter()
     with torch.no_grad():
-        x0 = F.embedding(ids, backbone.weights["model.embed_tokens.weight"])
+        x0 = fw._embed(ids.flatten()).view(*ids.shape, -1).float()
         for layer in range(first):
             x0 = _layer(fw, layer, x0, valid, {}, 0.0)
     scale = recipe.alpha / recipe.rank
@@ -87,11 +89,11 @@ def train_pirate(backbone, tokenizer, out_dir: str, recipe: GenRecipe = GenRecip
         for layer in range(first, cfg.layers):
             x = _layer(fw, layer, x, valid, lora, scale)
         h = fw.rmsnorm(x[loss_at], backbone.weights["model.norm.weight"])
-        loss = F.cross_entropy(F.linear(h, fw.lm_head), labels[loss_at])
+        loss = F.cross_entropy(_frozen(h, fw.lm_head, fw.head_base), labels[loss_at])
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     adapter = os.path.join(out_dir, "pirate-lora")
     _save_peft(adapter, lora, recipe, first, cfg.layers)
     return GenTrained(adapter, losses[0], losses[-1], time.perf_counter() - t0, len(seqs))
@@ -113,7 +115,7 @@ def _layer(fw: DecoderForward, layer: int, x: torch.Tensor, valid: torch.Tensor,
     b, length, _ = x.shape
 
     def lin(inp, name):
-        y = F.linear(inp, w[f"{p}{TARGETS[name]}.weight"])
+        y = _frozen(inp, *fw.base[(layer, name)])
         ab = lora.get((layer, name))
         if ab is not None:
             y = y + scale * (inp @ ab[0].t()) @ ab[1].t()
@@ -133,6 +135,14 @@ def _layer(fw: DecoderForward, layer: int, x: torch.Tensor, valid: torch.Tensor,
     x = x + lin(o.transpose(1, 2).reshape(b, length, -1), "o_proj")
     a = fw.rmsnorm(x, w[p + "post_attention_layernorm.weight"])
     return x + lin(F.silu(lin(a, "gate_proj")) * lin(a, "up_proj"), "down_proj")
+
+
+def _frozen(x: torch.Tensor, weight: torch.Tensor, int8) -> torch.Tensor:
+    """x @ W.T in float32 for a frozen backbone matrix of any dtype the daemon loads (`int8`:
+    DecoderForward's int8 product, else None); training runs in float32 throughout."""
+    if int8 is not None:
+        return int8(x)
+    return F.linear(x.to(weight.dtype), weight).float()
 
 
 def _save_peft(path: str, lora: dict, recipe: GenRecipe, first: int, layers: int) -> None:
