@@ -1,10 +1,12 @@
 """One fmplexd hosts a backbone of every family from one config (all-MiniLM-L6-v2, DINOv2-small,
-Fracast-0: the embedded carriers), real task processes of every family are served concurrently,
-and every answer equals its reference (transformers for text and images, fracast's own inference
-for series). `fmplex info` lists each backbone with its family and tasks; a task whose pipeline
-needs another family is refused, by the task process and by the daemon.
+Fracast-0, SmolLM2-135M-Instruct: the embedded carriers), real task processes of every family are
+served concurrently, and every answer equals its reference (transformers for text and images,
+fracast's own inference for series, greedy decoding on an in-process DecoderForward of the same
+GGUF for generation: tests/test_generation_parity.py holds that one to transformers). `fmplex
+info` lists each backbone with its family and tasks; a task whose pipeline needs another family
+is refused, by the task process and by the daemon.
 
-Adding a family (e.g. the decoder, SmolLM2) is one more FAMILIES entry: its backbone, its tasks'
+Adding a family is one more FAMILIES entry: its backbone, its tasks'
 spec bodies, how a client calls them and the reference each answer must equal."""
 import os
 import subprocess
@@ -27,6 +29,7 @@ from ipc.addresses import RunDir  # noqa: E402
 from ipc.errors import ErrorCode, FmplexError  # noqa: E402
 from ipc.messages import ExtensionSpec, Family, ListTasks, TaskConfig  # noqa: E402
 from tasklets.daemon_link import DaemonLink  # noqa: E402
+from testkit.decode import greedy_decode  # noqa: E402
 from testkit.launch import REPO, Daemon, TaskProc, short_tmpdir, write_spec  # noqa: E402
 from testkit.tiny import write_random_head  # noqa: E402
 from tests.test_lean_task import mapped_files  # noqa: E402
@@ -34,6 +37,8 @@ from tests.test_lean_task import mapped_files  # noqa: E402
 TOL = 1e-4
 TEXTS = [["a man is playing a guitar", "the stock market fell sharply today"], ["hello world"]]
 SERIES = [sample_series("co2")[1000:1512], sample_series("macrodata")[:, :155]]
+PROMPTS = ["The capital of France is", "def add(a, b):\n    return"]
+NEW_TOKENS = 8
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,13 @@ def _forecast_check(refs, x, reply):
     return float(np.abs(reply.forecast - want.reshape(reply.forecast.shape)).max())
 
 
+def _generation_check(refs, prompt, reply):
+    """0 if the daemon's greedy tokens are the in-process decode's, else 1."""
+    fw, cfg, tok = refs["llm"]
+    want, _ = greedy_decode(fw, cfg, tok.encode(prompt, add_special_tokens=False).ids, NEW_TOKENS)
+    return 0.0 if list(reply.token_ids) == want else 1.0
+
+
 IMAGES = list(sample_images().values())
 FAMILIES = {   # backbone name -> (path, its tasks)
     "text": ("embedded", [
@@ -104,6 +116,10 @@ FAMILIES = {   # backbone name -> (path, its tasks)
     "series": ("embedded:fracast", [
         TaskCase("fam-co2", "series", 'pipeline = "time-series-forecasting"', SERIES,
                  lambda c, t, x: c.infer_series(t, x, horizon=96), _forecast_check)]),
+    "llm": ("embedded:smollm2", [
+        TaskCase("fam-gen", "llm", 'pipeline = "text-generation"', PROMPTS,
+                 lambda c, t, x: c.generate(t, prompt=x, max_tokens=NEW_TOKENS, ignore_eos=True),
+                 _generation_check)]),
 }
 CASES = [case for _, cases in FAMILIES.values() for case in cases]
 
@@ -129,11 +145,15 @@ def served():
 @pytest.fixture(scope="module")
 def references(tmp_path_factory, served):
     """transformers' MiniLM and Dinov2Model (from the weights the daemon extracted from the same
-    ONNX graph, as an HF directory), fracast's own model, and the head the image task uses."""
+    ONNX graph, as an HF directory), fracast's own model, the head the image task uses, and
+    SmolLM2 dequantized in this process (a DecoderForward, its config and tokenizer)."""
     import json
 
     from safetensors.numpy import load_file, save_file
+    from tokenizers import Tokenizer
 
+    from fmplexd.families import load_backbone
+    from fmplexd.families.decoder.forward import DecoderForward
     from fmplexd.families.vision.onnx_extract import extract
     minilm = embedded_path("minilm")
     cfg, weights = extract(embedded_path("dinov2"))
@@ -145,7 +165,11 @@ def references(tmp_path_factory, served):
         size={"shortest_edge": 256}, resample=3, crop_size={"height": 224, "width": 224},
         image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
     head = load_file(os.path.join(served[1], "head.safetensors"))
-    return {"text": (transformers.AutoTokenizer.from_pretrained(minilm),
+    llm = load_backbone("llm", "embedded:smollm2", "float32",
+                        str(tmp_path_factory.mktemp("smollm2")))
+    return {"llm": (DecoderForward(llm.config, llm.weights), llm.config,
+                    Tokenizer.from_file(llm.info.tokenizer)),
+            "text": (transformers.AutoTokenizer.from_pretrained(minilm),
                      transformers.AutoModel.from_pretrained(minilm).eval()),
             "vision": (processor, transformers.Dinov2Model.from_pretrained(str(d)).eval()),
             "series": fracast.FracastModel.from_pretrained(weights="fp32"),
@@ -195,7 +219,7 @@ def test_fmplex_info_lists_each_backbone_with_family_and_tasks(served):
     for name, (_, cases) in FAMILIES.items():
         head = next(i for i, line in enumerate(lines) if line.startswith(f"backbone {name}: "))
         family = {"text": Family.TEXT_ENCODER, "vision": Family.VISION,
-                  "series": Family.TIME_SERIES}[name]
+                  "series": Family.TIME_SERIES, "llm": Family.DECODER}[name]
         assert lines[head].split(": ", 1)[1].startswith(f"{family.value} (")
         assert " float32, " in lines[head] and " MiB, checksum " in lines[head]
         assert lines[head + 1] == (f"  {len(cases)} task(s): "
