@@ -14,6 +14,9 @@ where one flooding client outweighs every task process together).
   capacity  every task closed-loop (DEPTH requests in flight each): saturation throughput C
   phase A   tasks q0..q2 each offered Poisson arrivals at LOAD * C / 4 (open loop), q3 idle
   phase B   the same arrivals (same seeds), plus q3 ("flood") offered FLOOD x its share
+The phases alternate in BLOCKS pairs (A1 B1 A2 B2 ...; each pair's quiet arrivals the same in A
+and B) and each phase's latencies are pooled over its blocks, so that a slow spell of a shared
+host falls on both phases rather than on whichever ran in it (one pair with --quick).
 Latency is measured from each request's scheduled arrival to its reply (no coordinated omission).
 One daemon per entry of POLICIES, one after the other, differing only in the scheduler's settings:
 fmplexd's defaults (bounded idle credit, idle_credit_tokens = 512; batch_target_ms = 50), the strict
@@ -53,6 +56,7 @@ POLICIES = (                  # (name, fmplexd.toml lines) of the daemons compar
     ("20 ms batches", "batch_target_ms = 20"),
 )
 MIN_QUIET_REQUESTS = 1000     # per quiet task and phase: a p99 of at least this many requests
+BLOCKS = 3                    # A/B pairs each phase is split into (interleaved)
 FLOOD_TIMEOUT_S = 2.0
 
 
@@ -189,11 +193,12 @@ def texts_for(task_index: int, n: int, phase_seed: int) -> list[str]:
     return [workload.make_text(rng, int(k)) for k in workload.lengths(rng, spec, n)]
 
 
-def arrivals(task_index: int, rate: float, duration_s: float) -> tuple[list[float], list[str]]:
-    """Poisson arrivals and texts of one task; the same in both phases (same seeds)."""
-    rng = np.random.default_rng([SEED, task_index, 1])
+def arrivals(task_index: int, rate: float, duration_s: float, block: int = 0
+             ) -> tuple[list[float], list[str]]:
+    """Poisson arrivals and texts of one task in one block; the same in both phases (same seeds)."""
+    rng = np.random.default_rng([SEED, task_index, 1, block])
     times = [float(t) for t in workload.arrival_times(rng, rate, duration_s)]
-    return times, texts_for(task_index, len(times), 2)
+    return times, texts_for(task_index, len(times), 2 + 10 * block)
 
 
 def summarise(outcomes: list, duration_s: float, offered: float) -> dict:
@@ -244,6 +249,15 @@ def daemon_delta(before: dict, after: dict) -> dict:
         | {"restarts": restarts}
 
 
+def _summed(deltas: list[dict]) -> dict:
+    """daemon_delta over a phase's blocks: counts summed (None if any block's is None)."""
+    out = {}
+    for k in deltas[0]:
+        values = [d[k] for d in deltas]
+        out[k] = None if any(v is None for v in values) else sum(values)
+    return out
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -277,17 +291,28 @@ def run_policy(backbone: str, work: str, policy: tuple[str, str], cap_s: float, 
               file=sys.stderr, flush=True)
         if not quick:
             phase_s = max(phase_s, MIN_QUIET_REQUESTS / share)
-        quiet = {t: (*arrivals(i, share, phase_s), QUIET_TIMEOUT_S)
-                 for i, t in enumerate(TASKS[:3])}
-        flood = {TASKS[3]: (*arrivals(3, FLOOD * share, phase_s), FLOOD_TIMEOUT_S)}
-        for phase, plans in (("A", quiet), ("B", {**quiet, **flood})):
-            before = daemon_stats(d)
-            res = run_clients(d.run_dir, plans, phase_s, groups)
-            after = daemon_stats(d)
-            pids.update(s["pid"] for s in after.values())
-            phases[phase] = {t: {**summarise(res[t], phase_s, len(plans[t][0]) / phase_s),
-                                 **daemon_delta(before[t], after[t])} for t in plans}
-            print(f"{name} phase {phase}: " + ", ".join(
+        blocks = 1 if quick else BLOCKS
+        block_s = phase_s / blocks
+        pooled: dict[str, dict[str, list]] = {"A": {}, "B": {}}      # phase -> task -> outcomes
+        offered: dict[str, dict[str, int]] = {"A": {}, "B": {}}
+        deltas: dict[str, dict[str, list]] = {"A": {}, "B": {}}
+        for k in range(blocks):
+            quiet = {t: (*arrivals(i, share, block_s, k), QUIET_TIMEOUT_S)
+                     for i, t in enumerate(TASKS[:3])}
+            flood = {TASKS[3]: (*arrivals(3, FLOOD * share, block_s, k), FLOOD_TIMEOUT_S)}
+            for phase, plans in (("A", quiet), ("B", {**quiet, **flood})):
+                before = daemon_stats(d)
+                res = run_clients(d.run_dir, plans, block_s, groups)
+                after = daemon_stats(d)
+                pids.update(s["pid"] for s in after.values())
+                for t in plans:
+                    pooled[phase].setdefault(t, []).extend(res[t])
+                    offered[phase][t] = offered[phase].get(t, 0) + len(plans[t][0])
+                    deltas[phase].setdefault(t, []).append(daemon_delta(before[t], after[t]))
+        for phase in ("A", "B"):
+            phases[phase] = {t: {**summarise(out, phase_s, offered[phase][t] / phase_s),
+                                 **_summed(deltas[phase][t])} for t, out in pooled[phase].items()}
+            print(f"{name} phase {phase} ({blocks} block(s)): " + ", ".join(
                 f"{t} p99 {r['p99_ms']:.1f} ms" for t, r in phases[phase].items()),
                 file=sys.stderr, flush=True)
     finally:
@@ -298,7 +323,7 @@ def run_policy(backbone: str, work: str, policy: tuple[str, str], cap_s: float, 
         d.cleanup()
     pass_ = {t: phases["B"][t]["p99_ms"] <= GOAL * phases["A"][t]["p99_ms"] for t in TASKS[:3]}
     return {"policy": name, "config": toml, "capacity_rps": capacity, "share_rps": share,
-            "phase_s": phase_s, "clients_in_tenant_cgroups": any(groups.values()),
+            "phase_s": phase_s, "blocks": blocks, "clients_in_tenant_cgroups": any(groups.values()),
             "phases": phases, "pass": pass_, "task_pids": sorted(pids)}
 
 
@@ -355,7 +380,8 @@ def main() -> int:
                              f"{runs[0]['share_rps']:.1f} req/s, flooder {FLOOD}x; K = "
                              f"idle_credit_tokens, 20 ms = batch_target_ms; "
                              f"load {m['loadavg_1m']} on {m['cpus']} cpus; processes left: "
-                             f"{len(left)}; phase {runs[0]['phase_s']:.0f} s")
+                             f"{len(left)}; phase {runs[0]['phase_s']:.0f} s in {runs[0]['blocks']} "
+                             f"interleaved block(s)")
     return 0
 
 
