@@ -130,9 +130,7 @@ class _V2(TaskCgroups):
         _rmdir(os.path.join(self.own, TASK_PREFIX_V2 + name))
 
     def close(self) -> None:
-        for d in _subdirs(self.own):
-            if d.startswith(TASK_PREFIX_V2):
-                _rmdir(os.path.join(self.own, d))
+        _rmdir_prefixed(self.own, TASK_PREFIX_V2)
 
     def describe(self) -> str:
         return f"cgroup v2: {self.own}/{TASK_PREFIX_V2}<task>"
@@ -182,9 +180,7 @@ class _V1(TaskCgroups):
 
     def close(self) -> None:
         for path in self.own.values():
-            for d in _subdirs(path):
-                if d.startswith(self.prefix):
-                    _rmdir(os.path.join(path, d))
+            _rmdir_prefixed(path, self.prefix)
 
     def describe(self) -> str:
         return (f"cgroup v1: {self.own['cpu']}/{self.prefix}<task> and "
@@ -272,6 +268,14 @@ def _rmdir(path: str) -> None:
         pass
     except OSError as e:                    # EBUSY: a process still in it
         log.warning("cannot remove cgroup %s: %s", path, e.strerror)
+
+
+def _rmdir_prefixed(parent: str, prefix: str) -> None:
+    """Remove the cgroups directly under `parent` whose names start with `prefix` (the tasks'
+    groups this daemon placed beside its own)."""
+    for d in _subdirs(parent):
+        if d.startswith(prefix):
+            _rmdir(os.path.join(parent, d))
 
 
 def _subdirs(path: str) -> list[str]:
